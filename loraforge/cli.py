@@ -15,6 +15,8 @@ from loraforge.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("loraforge.train.command", "fine-tune an adapter from a YAML config (none: the demo)"),
+    "quantize": ("loraforge.models.quantize_command", "write a bitsandbytes-format 4-bit checkpoint (nf4/fp4)"),
 }
 
 

@@ -1,1 +1,29 @@
+"""Adapters: LoRA, rsLoRA, DoRA and VeRA on dense or 4-bit linear layers, in PEFT's format.
 
+    from loraforge.adapters import LoraConfig, attach, load_adapter
+    am = attach(model, LoraConfig(r=16, alpha=16, use_dora=False))
+    ...train...; am.save_pretrained("out"); am = load_adapter(model2, "out")
+
+Methods register themselves in :data:`loraforge.adapters.base.REGISTRY` when their file is
+imported; this package imports the built-in ones.
+"""
+
+from loraforge.adapters import lora, vera  # noqa: F401  (registers the methods)
+from loraforge.adapters.base import REGISTRY, AdapterConfig, AdapterLayer, Method, register
+from loraforge.adapters.lora import DoraConfig, LoraConfig
+from loraforge.adapters.model import AdapterModel, attach, load_adapter
+from loraforge.adapters.vera import VeraConfig
+
+__all__ = [
+    "REGISTRY",
+    "AdapterConfig",
+    "AdapterLayer",
+    "AdapterModel",
+    "DoraConfig",
+    "LoraConfig",
+    "Method",
+    "VeraConfig",
+    "attach",
+    "load_adapter",
+    "register",
+]

@@ -1,0 +1,139 @@
+"""``load_model``: one entry point for every model source loraforge reads.
+
+source          how it is read
+--------------  -------------------------------------------------------------------------------
+HF folder       ``AutoModelForCausalLM.from_pretrained`` after checking config + safetensors
+.gguf file      transformers' GGUF loader once, then the cached safetensors folder (see gguf.py)
+bnb-4bit folder loraforge's own QuantLinear layers, no bitsandbytes (see bnb_checkpoint.py)
+alias           the file an installed package ships (see resolve.py)
+
+With ``quantize="nf4"`` or ``"fp4"`` every ``nn.Linear`` but ``lm_head`` becomes a frozen
+blockwise 4-bit :class:`~loraforge.quant.linear.QuantLinear` as in QLoRA (Dettmers et al., 2023):
+W ~ code[q] * absmax per block of ``blocksize`` weights, the absmax themselves 8-bit quantized
+with ``double_quant``. On a ``device``, the model moves there before it is quantized, so that the
+GPU quantizes (matching bitsandbytes' CUDA path) and the CPU never holds a second copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loraforge.errors import UserError, check_choice
+from loraforge.models.resolve import detect_format, read_config_json, resolve_model_path
+from loraforge.models.validate import check_architecture, check_safetensors
+
+QUANT_TYPES = ("nf4", "fp4")
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_model(
+    source: str | Path,
+    quantize: str | None = None,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+):
+    """(model, tokenizer) for a model folder, GGUF file, bnb-4bit folder or alias, in eval mode.
+
+    ``compute_dtype`` sets the dtype of the unquantized weights and of the 4-bit matmuls; None
+    keeps the checkpoint's (float32 for GGUF; a bnb-4bit folder's ``bnb_4bit_compute_dtype``).
+    """
+    if quantize is not None:
+        check_choice(quantize, QUANT_TYPES, "quantization type")
+    dtype = as_dtype(compute_dtype)
+    path = resolve_model_path(source)
+    fmt = detect_format(path)
+    if fmt == "bnb-4bit":
+        from loraforge.models.bnb_checkpoint import load_bnb_checkpoint
+
+        model, tokenizer = load_bnb_checkpoint(path, compute_dtype=dtype)
+        if quantize is not None:
+            _check_same_quantization(model, quantize, path)
+        if device is not None:
+            model.to(device)
+        return model.eval(), tokenizer
+    if fmt == "gguf":
+        from loraforge.models.gguf import cached_gguf_folder
+
+        model, tokenizer = load_hf_folder(cached_gguf_folder(path), dtype or torch.float32)
+    else:
+        model, tokenizer = load_hf_folder(path, dtype)
+    if device is not None:
+        model.to(device)
+    if quantize is not None:
+        from loraforge.quant.replace import quantize_model
+
+        quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def load_hf_folder(folder: Path, dtype: torch.dtype | None):
+    """(model, tokenizer) from a Hugging Face folder of safetensors weights, checked first."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.models.quiet import quiet_transformers
+
+    config = read_config_json(folder)
+    check_architecture(config["model_type"], where=str(folder / "config.json"))
+    for file in weight_files(folder):
+        check_safetensors(file)
+    tokenizer = load_tokenizer(folder)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    return model, tokenizer
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a model folder (UserError when there are none)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UserError(
+            "only pickled PyTorch weights (.bin/.pt) here; loraforge reads safetensors only "
+            "(re-save the model with save_pretrained(..., safe_serialization=True))",
+            where=str(folder),
+        )
+    raise UserError("no *.safetensors weights in this folder; expected model.safetensors or its shards", where=str(folder))
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in a model folder (UserError when there is none)."""
+    from transformers import AutoTokenizer
+
+    from loraforge.models.quiet import quiet_transformers
+
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(
+            f"no tokenizer in this folder; expected one of {', '.join(_TOKENIZER_FILES)}", where=str(folder)
+        )
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype, a name ("bf16", "float16", ...) or None."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return _DTYPES[check_choice(str(value), _DTYPES, "dtype")]
+
+
+def _check_same_quantization(model, quantize: str, path: Path) -> None:
+    from loraforge.quant.linear import QuantLinear
+
+    stored = {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)}
+    if stored != {quantize}:
+        raise UserError(
+            f"this checkpoint is already quantized ({', '.join(sorted(stored))}); re-quantizing it as "
+            f"{quantize} would stack two rounding errors: load it without a quantization type",
+            where=str(path),
+        )

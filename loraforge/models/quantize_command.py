@@ -1,0 +1,78 @@
+"""``loraforge quantize MODEL --out DIR``: write a bitsandbytes-format 4-bit checkpoint.
+
+The output folder loads in transformers + bitsandbytes (``AutoModelForCausalLM.from_pretrained``)
+and in loraforge (``load_model``) alike; it holds ``model.safetensors``, ``config.json`` with
+``quantization_config``, ``generation_config.json`` and the tokenizer with its chat template.
+Prints the weight memory before and after, with bits per parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from loraforge.errors import UserError, check_choice
+
+BLOCKSIZES = tuple(2**k for k in range(5, 13))  # 32 .. 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="HF folder, .gguf file or alias (smollm2-135m-instruct)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist or be empty)")
+    parser.add_argument("--type", default="nf4", metavar="nf4|fp4", help="4-bit data type (default nf4)")
+    parser.add_argument("--blocksize", type=int, default=64, metavar="N", help="weights per absmax block (default 64)")
+    parser.add_argument(
+        "--no-double-quant", dest="double_quant", action="store_false",
+        help="keep absmax in fp32 instead of 8 bits (4.5 instead of 4.127 bits/param at block 64)",
+    )
+    parser.add_argument("--device", default=None, help="quantize on this device (e.g. cuda; default cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from loraforge.models.bnb_checkpoint import save_quantized
+    from loraforge.models.cache import check_output_dir
+    from loraforge.models.load import QUANT_TYPES, load_model
+    from loraforge.models.memory import describe_memory, memory_stats
+    from loraforge.models.resolve import detect_format, resolve_model_path
+    from loraforge.quant.replace import quantize_model
+
+    check_choice(args.type, QUANT_TYPES, "quantization type", where="--type")
+    if args.blocksize not in BLOCKSIZES:
+        raise UserError(
+            f"block size {args.blocksize} is not supported; expected a power of two from 32 to 4096",
+            where="--blocksize",
+        )
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    if detect_format(resolve_model_path(args.model)) == "bnb-4bit":
+        raise UserError("is already a 4-bit checkpoint; quantize a full-precision model", where=args.model)
+
+    status = Console(file=sys.stderr, highlight=False)
+    start = time.perf_counter()
+    with status.status(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model, device=args.device)
+    before = memory_stats(model)
+    with status.status(f"quantizing to {args.type}"):
+        quantize_model(model, quant_type=args.type, blocksize=args.blocksize, double_quant=args.double_quant)
+    after = memory_stats(model)
+    with status.status(f"writing {out}"):
+        save_quantized(model, tokenizer, out, overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+
+    on_disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    dq = "double quant" if args.double_quant else "no double quant"
+    print(f"quantized {args.model} to {args.type} (block {args.blocksize}, {dq}) in {seconds:.1f} s -> {out}")
+    print(f"  before: {_mb(before.bytes)} ({8 * before.bytes / before.params:.2f} bits/param)")
+    print(f"  after:  {_mb(after.bytes)} ({8 * after.bytes / after.params:.2f} bits/param; "
+          f"4-bit layers {after.quant_bits:.3f} bits/param); {_mb(on_disk)} on disk")
+    print(f"  {describe_memory(model)}")
+    return 0
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.1f} MB"

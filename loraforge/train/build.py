@@ -1,0 +1,138 @@
+"""From a validated :class:`Config` to the objects the loop trains: the (quantized) base model and
+tokenizer, the adapter config for the chosen method, and the tokenized data sets.
+
+The adapter methods are known only through :mod:`loraforge.adapters`' registry (method name ->
+(config class, layer class)); the config's shared keys and the method's own sub-section are passed
+to the method's config class by name, and a key the user changed that the method does not take is
+an error (e.g. ``rslora: true`` with ``method: vera``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any
+
+from loraforge.errors import UserError
+from loraforge.train.config import AdapterSection, Config, resolved_alpha, resolved_rank
+
+
+# --------------------------------------------------------------------------- adapters
+def _registry() -> dict[str, Any]:
+    import loraforge.adapters  # noqa: F401  (importing the package registers the built-in methods)
+    from loraforge.adapters.base import REGISTRY
+
+    return REGISTRY
+
+
+def registered_methods() -> list[str]:
+    return sorted(_registry())
+
+
+def adapter_config(section: AdapterSection) -> Any:
+    """The registered method's config object (LoraConfig, DoraConfig, VeraConfig, ...).
+
+    Shared keys pass by name; the method's own sub-section (``adapter.vera``, ``adapter.adalora``,
+    ``adapter.sora``; ``adapter.loftq`` with ``init: loftq``) passes as ``key``, ``<section>_key`` or
+    ``key_``, whichever the config class has. A key the user changed from its default that the
+    method's config does not take is an error, never dropped silently.
+    """
+    method = _registry()[section.method]
+    accepted = {f.name for f in dataclasses.fields(method.config_cls)}
+    defaults = AdapterSection()
+    kwargs: dict[str, Any] = {}
+
+    def offer(key: str, value: Any, default: Any, candidates: list[str]) -> None:
+        for name in candidates:
+            if name in accepted:
+                kwargs[name] = value
+                return
+        if value != default:
+            raise UserError(f"does not apply to adapter method {section.method!r}", where=f"adapter.{key}")
+
+    for key, value, given in (("r", resolved_rank(section), section.r), ("alpha", resolved_alpha(section), section.alpha)):
+        if key in accepted:
+            kwargs[key] = value
+        elif given is not None:
+            raise UserError(f"does not apply to adapter method {section.method!r}", where=f"adapter.{key}")
+    for f in dataclasses.fields(section):
+        if f.name in ("method", "r", "alpha", *SUBSECTIONS):
+            continue
+        offer(f.name, getattr(section, f.name), getattr(defaults, f.name), [f.name])
+    for sub_name in SUBSECTIONS:
+        active = sub_name == section.method or (sub_name == "loftq" and section.init == "loftq")
+        sub, sub_default = getattr(section, sub_name), getattr(defaults, sub_name)
+        for f in dataclasses.fields(sub):
+            key = f.metadata.get("key", f.name)
+            value, default = getattr(sub, f.name), getattr(sub_default, f.name)
+            if active:
+                offer(f"{sub_name}.{key}", value, default, [key, f"{sub_name}_{key}", f"{key}_"])
+            elif value != default:
+                raise UserError(f"is set but adapter.method is {section.method!r}"
+                                f"{' and adapter.init is not loftq' if sub_name == 'loftq' else ''}",
+                                where=f"adapter.{sub_name}.{key}")
+    return method.config_cls(**kwargs)
+
+
+SUBSECTIONS = ("loftq", "adalora", "sora", "vera")
+
+
+def attach_adapter(model, section: AdapterSection):
+    from loraforge import adapters
+
+    return adapters.attach(model, adapter_config(section))
+
+
+# --------------------------------------------------------------------------- model
+def load_base(config: Config, device: str | None):
+    """(model, tokenizer): the base model, quantized per ``config.quantization``."""
+    from loraforge import models
+
+    q = config.quantization
+    if q is None:
+        return models.load_model(config.model, device=device)
+    return models.load_model(
+        config.model, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant,
+        compute_dtype=None, device=device,
+    )
+
+
+# --------------------------------------------------------------------------- data
+def read_records(config: Config) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records), eval split off with the seed when ``eval_fraction`` > 0.
+    Reading validates the files (format errors name file and line) before anything is written."""
+    from loraforge import data
+
+    d = config.data
+    train = data.load_records(d.train)
+    evals: list[dict] = []
+    if d.eval:
+        evals = data.load_records(d.eval)
+    elif d.eval_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(config.train.seed).shuffle(order)
+        n_eval = max(1, math.ceil(d.eval_fraction * len(train)))
+        if n_eval >= len(train):
+            raise UserError(f"eval_fraction {d.eval_fraction} leaves no training rows out of {len(train)}",
+                            where="data.eval_fraction")
+        held = set(order[:n_eval])
+        evals = [r for i, r in enumerate(train) if i in held]
+        train = [r for i, r in enumerate(train) if i not in held]
+    return train, evals
+
+
+def tokenize(records: list[dict], tokenizer, config: Config, source: str):
+    """(examples, stats) via the data pipeline; packed into rows of max_length when asked."""
+    from loraforge import data
+
+    d = config.data
+    examples, stats = data.build_dataset(
+        records, tokenizer, format=d.format, template=d.template, max_length=d.max_length,
+        train_on_prompt=d.train_on_prompt, source=source,
+    )
+    if not examples:
+        raise UserError("no usable examples after tokenization", where=source)
+    if d.packing:
+        examples = data.pack(examples, d.max_length)
+    return examples, stats

@@ -1,0 +1,147 @@
+"""Checkpoints that resume exactly and never leave a half-written state behind.
+
+A checkpoint ``output_dir/checkpoints/step-000050/`` holds
+
+    adapter/            the adapter in PEFT's format (AdapterModel.save_pretrained)
+    trainer_state.pt    the trainable tensors exactly as trained, optimizer and scheduler state,
+                        RNG states (torch, cuda, python, numpy) and the data position
+                        (step, epoch, index in that epoch's shuffled order)
+
+It is written into ``checkpoints/.tmp-step-000050`` and renamed with ``os.replace`` once every
+file is flushed, so a directory named ``step-*`` is always complete: a crash while saving leaves
+the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the next save. After a
+save only the newest ``keep_last`` checkpoints remain.
+
+Resuming restores the trainable tensors from ``trainer_state.pt`` (bit for bit, whatever dtype
+the PEFT export uses), then optimizer, scheduler, RNG states and data position.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where the data stream stands after ``step`` optimizer steps."""
+
+    step: int
+    epoch: int
+    index: int  # next example's index in the epoch's shuffled order
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, position: Position,
+                    keep_last: int) -> Path:
+    """Write the checkpoint of ``position.step`` atomically; prune to ``keep_last``."""
+    root = checkpoint_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step-{position.step:06d}"
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    adapter_model.save_pretrained(tmp / "adapter")
+    state = {
+        "trainable": trainable_state(adapter_model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "position": {"step": position.step, "epoch": position.epoch, "index": position.index},
+    }
+    with open(tmp / "trainer_state.pt", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    final = root / name
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler) -> Position:
+    """Restore everything saved in ``path``; returns the data position to continue from."""
+    state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    params = dict(adapter_model.named_parameters())
+    missing = [n for n in state["trainable"] if n not in params]
+    if missing or len(state["trainable"]) != sum(p.requires_grad for p in params.values()):
+        from loraforge.errors import UserError
+
+        raise UserError(
+            "checkpoint does not match the configured adapter (changed method, rank or targets?)",
+            where=str(path),
+        )
+    with torch.no_grad():
+        for n, value in state["trainable"].items():
+            params[n].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return Position(**state["position"])

@@ -1,0 +1,171 @@
+"""What a run tells the user: a start banner, a live progress line, evaluation lines and a closing
+summary on the console (rich); the same numbers as JSON lines in ``train_log.jsonl``; a loss-curve
+PNG (matplotlib, when installed); TensorBoard scalars (when ``tensorboard`` is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss_curve.png"
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA; the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RunLog:
+    """Console + JSONL (+ TensorBoard) for one run. ``start_step`` > 0 when resuming: the JSONL
+    keeps the rows up to that step and continues after them."""
+
+    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, console: Console | None = None):
+        self.console = console or Console()
+        self.path = Path(output_dir) / LOG_NAME
+        self.total_steps = total_steps
+        self._keep_rows_until(start_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = _tensorboard(Path(output_dir) / "tensorboard")
+        self._progress: Progress | None = None
+        self._task = None
+        self._start_step = start_step
+        self._t0 = time.perf_counter()
+        self.tokens = 0
+
+    def _keep_rows_until(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    # ------------------------------------------------------------------ console
+    def banner(self, rows: list[tuple[str, str]]) -> None:
+        table = Table(title="loraforge train", show_header=False, title_justify="left", box=None, padding=(0, 2))
+        for key, value in rows:
+            table.add_row(f"[bold]{key}[/]", value)
+        self.console.print(table)
+
+    def note(self, message: str) -> None:
+        self.console.print(message)
+
+    def __enter__(self) -> "RunLog":
+        self._progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.__enter__()
+        self._task = self._progress.add_task("train", total=self.total_steps, completed=self._start_step, stats="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    # ------------------------------------------------------------------ records
+    def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, trained_tokens: int,
+             seconds: float, peak_memory: int) -> None:
+        self.tokens += tokens
+        tps = tokens / seconds if seconds > 0 else 0.0
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+               "trained_tokens": trained_tokens, "tokens_per_s": round(tps, 1),
+               "elapsed_s": round(time.perf_counter() - self._t0, 3), "peak_memory_bytes": peak_memory}
+        self._write(row)
+        if self._progress is not None:
+            stats = (f"loss {loss:.4f}  lr {lr:.2e}  gnorm {grad_norm:.3f}  {tps:,.0f} tok/s  "
+                     f"mem {human_bytes(peak_memory)}")
+            self._progress.update(self._task, completed=step, stats=stats)
+
+    def eval(self, *, step: int, loss: float, tokens: int) -> None:
+        ppl = math.exp(loss) if loss < 50 else float("inf")
+        self._write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens})
+        self.console.print(f"  eval @ step {step}: loss {loss:.4f}  perplexity {ppl:.2f}  ({tokens} tokens)")
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, row["step"])
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(output_dir: Path) -> Path | None:
+    """Train (and eval) loss against step as a PNG; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_log(Path(output_dir) / LOG_NAME)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(output_dir) / PLOT_NAME
+    fig.savefig(out)
+    plt.close(fig)
+    return out

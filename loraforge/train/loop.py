@@ -1,0 +1,368 @@
+"""The training loop, top to bottom: seed, model, adapter, data, optimizer, steps, checkpoints.
+
+Loss (per optimizer step, over its micro-batches b = 1..A and their trained tokens t)::
+
+    L = sum_b sum_t CE(logits_bt, label_bt) / N,   N = number of trained tokens in the whole step
+
+Each micro-batch backpropagates its summed token loss divided by the step's N (counted before the
+first forward), so ``batch_size=8, grad_accum=1`` and ``batch_size=1, grad_accum=8`` produce the
+same gradient and update. Dividing each micro-batch by its own token count (the HF Trainer's old
+behaviour) over-weights short examples under accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loraforge.errors import UserError
+from loraforge.train import build
+from loraforge.train.batches import StepSampler, total_steps
+from loraforge.train.checkpoint import (
+    Position,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from loraforge.train.config import Config, dump_yaml, resolved_alpha, resolved_rank
+from loraforge.train.logging import PLOT_NAME, LOG_NAME, RunLog, human_bytes, human_count, peak_memory_bytes, plot_losses
+from loraforge.train.optimizers import build_optimizer, optimizer_state_bytes
+from loraforge.train.schedule import build_scheduler
+
+IGNORE = -100
+# Files a run writes into output_dir (``overwrite: true`` removes exactly these).
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
+             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard")
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the AdapterModel, trained
+    tokenizer: object
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # train loss of every step run here
+    eval_loss: float | None = None
+    interrupted: bool = False
+
+
+def train(config: Config, *, on_start: Callable | None = None, console=None) -> TrainResult:
+    """Run ``config``; ``on_start(adapter_model, tokenizer)`` is called just before step 1."""
+    t = config.train
+    seed_everything(t.seed)
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config)
+
+    # Data files first: a malformed row fails before the model loads or anything is written.
+    train_records, eval_records = build.read_records(config)
+
+    device = pick_device()
+    model, tokenizer = build.load_base(config, device=str(device))
+    train_set, train_stats = build.tokenize(train_records, tokenizer, config, source=str(config.data.train))
+    eval_set = []
+    if eval_records:
+        eval_set, _ = build.tokenize(eval_records, tokenizer, config, source=str(config.data.eval or config.data.train))
+
+    adapter_model = build.attach_adapter(model, config.adapter)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(adapter_model)
+    params = [p for p in adapter_model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the adapter has no trainable parameters (check adapter.targets)", where="adapter.targets")
+    optimizer = build_optimizer(t.optimizer, params, lr=t.lr, weight_decay=t.weight_decay)
+    n_steps = total_steps(len(train_set), t.batch_size, t.grad_accum, t.steps, t.epochs)
+    scheduler = build_scheduler(optimizer, schedule=t.schedule, warmup_steps=t.warmup_steps, total_steps=n_steps)
+
+    position = Position(step=0, epoch=0, index=0)
+    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    if resume_from is not None:
+        position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+
+    pad_id = pad_token_id(tokenizer)
+    amp = autocast_context(device)
+    sampler = StepSampler(len(train_set), batch_size=t.batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                          position=position)
+    result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
+    log = RunLog(output_dir, total_steps=n_steps, start_step=position.step, console=console)
+    log.banner(banner_rows(config, adapter_model, device, train_set, eval_set, train_stats, n_steps, optimizer))
+    log.note(train_stats.summary() if hasattr(train_stats, "summary") else str(train_stats))
+    if resume_from is not None:
+        log.note(f"resumed from {resume_from} (step {position.step}, epoch {position.epoch})")
+    elif config.resume:
+        log.note(f"resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
+    if on_start is not None:
+        on_start(adapter_model, tokenizer)
+
+    adapter_model.train()
+    stop = InterruptFlag()
+    with log, stop:
+        while sampler.position.step < n_steps:
+            micro_batches = [collate([train_set[i] for i in idx], pad_id, device) for idx in sampler.next_step()]
+            step = sampler.position.step
+            start = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            loss, trained, seen = accumulate_gradients(adapter_model, micro_batches, amp)
+            grad_norm = clip_gradients(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss)
+            result.steps = step
+            log.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=seen, trained_tokens=trained,
+                     seconds=time.perf_counter() - start, peak_memory=peak_memory_bytes(device))
+
+            if eval_set and t.eval_every and step % t.eval_every == 0 and step < n_steps:
+                result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, step)
+            if t.save_every and step % t.save_every == 0:
+                save_checkpoint(output_dir, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler,
+                                position=sampler.position, keep_last=t.keep_last)
+            if stop.requested:
+                path = save_checkpoint(output_dir, adapter_model=adapter_model, optimizer=optimizer,
+                                       scheduler=scheduler, position=sampler.position, keep_last=t.keep_last)
+                log.note(f"interrupted: saved {path}; continue with --resume")
+                result.interrupted = True
+                raise KeyboardInterrupt
+
+    if eval_set:
+        result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, result.steps)
+    adapter_model.eval()
+    finish(result, config, optimizer, log, device)
+    return result
+
+
+# --------------------------------------------------------------------------- one step
+def accumulate_gradients(model, micro_batches: list[dict], amp) -> tuple[float, int, int]:
+    """Backward every micro-batch's summed token loss / the step's trained-token count.
+    Returns (mean loss per trained token, trained tokens, non-padding tokens)."""
+    trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+               for b in micro_batches)
+    if trained == 0:
+        return 0.0, 0, seen  # nothing to learn in this step (the data pipeline reports such rows)
+    total = 0.0
+    for batch in micro_batches:
+        with amp:
+            summed = token_loss_sum(model, batch)
+        (summed / trained).backward()
+        total += summed.item()
+    return total / trained, trained, seen
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the labelled positions (labels shifted by one)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip to ``max_norm`` (0: no clipping); returns the total norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, amp, log: RunLog, step: int) -> float:
+    """Mean loss per trained token over ``examples`` (logged with its perplexity)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id, device)
+        with amp:
+            total += token_loss_sum(model, batch).item()
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train(was_training)
+    loss = total / max(count, 1)
+    log.eval(step=step, loss=loss, tokens=count)
+    return loss
+
+
+# --------------------------------------------------------------------------- set-up helpers
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on a CUDA device that supports it; full fp32 otherwise."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compute_dtype_name(device: torch.device) -> str:
+    return "bf16 autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def enable_gradient_checkpointing(adapter_model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no
+    requires_grad hook); the KV cache is useless in training and conflicts with it."""
+    base = getattr(adapter_model, "model", adapter_model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(base, "config", None) is not None:
+        base.config.use_cache = False
+
+
+def pad_token_id(tokenizer) -> int:
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def collate(examples: list[dict], pad_id: int, device) -> dict:
+    """Padded tensors on ``device``; a packed batch's additive mask in the attention's dtype."""
+    from loraforge import data
+
+    mask_dtype = torch.bfloat16 if compute_dtype_name(device) != "fp32" else torch.float32
+    batch = data.collate(examples, pad_id, mask_dtype=mask_dtype)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def check_output_dir(output_dir: Path, config: Config) -> None:
+    """Refuse to mix two runs in one folder unless resuming or ``overwrite: true``."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise UserError("output_dir exists and is not a folder", where=str(output_dir))
+    ours = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not ours or config.resume:
+        return
+    if not config.overwrite:
+        raise UserError(
+            "output_dir already holds a run; continue it with --resume, replace it with "
+            "overwrite=true, or pick another output_dir=...",
+            where=str(output_dir),
+        )
+    for name in ours:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+class InterruptFlag:
+    """Turns the first Ctrl-C into a request honoured at the next step boundary (so the saved
+    state is never half-updated); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); a quantized linear counts as in_features x out_features weights."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    quantized_params: set[int] = set()
+    for module in model.modules():
+        if hasattr(module, "bits_per_parameter") and hasattr(module, "in_features"):
+            total += module.in_features * module.out_features
+            quantized_params.update(id(p) for p in module.parameters(recurse=False) if p.dtype == torch.uint8)
+    total += sum(p.numel() for p in model.parameters() if id(p) not in quantized_params)
+    return trainable, total
+
+
+def banner_rows(config, adapter_model, device, train_set, eval_set, stats, n_steps, optimizer) -> list[tuple[str, str]]:
+    t, a = config.train, config.adapter
+    trainable, total = count_parameters(adapter_model)
+    q = config.quantization
+    quant = f"{q.type} (block {q.blocksize}{', double quant' if q.double_quant else ''})" if q else "none"
+    method = f"{a.method}  r={resolved_rank(a)}"
+    if a.method != "vera":
+        method += f" alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
+    tokens = sum(len(e["input_ids"]) for e in train_set)
+    data = f"{len(train_set)} train ({tokens:,} tokens)" + (f", {len(eval_set)} eval" if eval_set else "")
+    return [
+        ("model", f"{config.model}   quantization: {quant}"),
+        ("method", method),
+        ("trainable", f"{human_count(trainable)} / {human_count(total)} parameters ({100 * trainable / max(total, 1):.3f}%)"),
+        ("device", f"{device.type}   dtype: {compute_dtype_name(device)}"),
+        ("data", data),
+        ("batch", f"{t.batch_size} x {t.grad_accum} accumulation = {t.batch_size * t.grad_accum} examples per step"),
+        ("steps", f"{n_steps}   lr {t.lr:g} {t.schedule}, warm-up {t.warmup_steps}"),
+        ("optimizer", f"{t.optimizer}   state {human_bytes(optimizer_state_bytes(optimizer))}"),
+        ("output", str(config.output_dir)),
+    ]
+
+
+def finish(result: TrainResult, config: Config, optimizer, log: RunLog, device) -> None:
+    """Write the adapter, tokenizer, plot and model card; print the summary."""
+    out = result.output_dir
+    result.model.save_pretrained(out)
+    if hasattr(result.tokenizer, "save_pretrained"):
+        result.tokenizer.save_pretrained(out)
+    plot = plot_losses(out)
+    write_model_card(out, config, result)
+    elapsed = time.perf_counter() - log._t0
+    lines = [
+        f"[bold green]done[/]: {result.steps} steps in {elapsed:.0f} s, "
+        f"final loss {result.losses[-1]:.4f}" if result.losses else "[bold green]done[/]: no steps run",
+    ]
+    if result.eval_loss is not None:
+        import math
+
+        lines.append(f"eval loss {result.eval_loss:.4f}, perplexity {math.exp(min(result.eval_loss, 50)):.2f}")
+    lines.append(f"peak memory {human_bytes(peak_memory_bytes(device))}, optimizer state "
+                 f"{human_bytes(optimizer_state_bytes(optimizer))}")
+    lines.append(f"adapter: {out / 'adapter_model.safetensors'}")
+    lines.append(f"log: {out / LOG_NAME}")
+    lines.append(f"plot: {plot}" if plot else "plot: skipped (pip install matplotlib to get loss_curve.png)")
+    for line in lines:
+        log.note(line)
+
+
+def write_model_card(out: Path, config: Config, result: TrainResult) -> None:
+    a, t = config.adapter, config.train
+    q = config.quantization
+    text = f"""# Adapter trained with loraforge
+
+- base model: `{config.model}`{f" (quantized to {q.type} for training)" if q else ""}
+- method: {a.method}, r = {resolved_rank(a)}{"" if a.method == "vera" else f", alpha = {resolved_alpha(a):g}"}, targets: {a.targets}
+- data: `{config.data.train}` ({config.data.format} format, max_length {config.data.max_length})
+- training: {result.steps} steps, batch {t.batch_size} x {t.grad_accum}, lr {t.lr:g} ({t.schedule}), optimizer {t.optimizer}, seed {t.seed}
+- final train loss: {result.losses[-1] if result.losses else float("nan"):.4f}{"" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f}"}
+
+Files: `adapter_config.json` + `adapter_model.safetensors` (PEFT format), the tokenizer with its
+chat template, `config.yaml` (the exact configuration), `{LOG_NAME}` and `{PLOT_NAME}`.
+
+Use it: `loraforge generate {config.model} --adapter {out} --prompt "..."`, or with PEFT:
+`PeftModel.from_pretrained(base_model, "{out}")`.
+"""
+    (out / "README.md").write_text(text, encoding="utf-8")

@@ -1,0 +1,60 @@
+"""Shared pieces of the train tests: the real SmolLM2 tokenizer (from the shipped GGUF file),
+a tiny Llama with SmolLM2's vocabulary standing in for the base model, and small data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import loraforge.models
+
+from conftest import tiny_llama_config
+
+_TOKENIZER = {}
+
+
+def smollm2_tokenizer(gguf_path: str):
+    """SmolLM2's tokenizer (with its chat template), loaded once per test session."""
+    if "tok" not in _TOKENIZER:
+        from transformers import AutoTokenizer
+
+        path = Path(gguf_path)
+        _TOKENIZER["tok"] = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _TOKENIZER["tok"]
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48)).eval()
+
+
+def use_tiny_model(monkeypatch, tokenizer) -> list:
+    """Make ``loraforge.models.load_model`` return a fresh tiny Llama (same weights every call)."""
+    calls = []
+
+    def load_model(source, quantize=None, **kwargs):
+        calls.append((source, quantize))
+        return tiny_model(tokenizer), tokenizer
+
+    monkeypatch.setattr(loraforge.models, "load_model", load_model, raising=False)
+    return calls
+
+
+def write_chat_data(path: Path, n: int = 24) -> Path:
+    """``n`` short conversations in the messages format."""
+    words = ["apple", "river", "stone", "cloud", "tiger", "paper", "glass", "music"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b = words[i % 8], words[(3 * i + 1) % 8]
+            row = {"messages": [{"role": "user", "content": f"Say {a} then {b}."},
+                                {"role": "assistant", "content": f"{a} {b} " * (1 + i % 3)}]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def log_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
