@@ -33,7 +33,10 @@ def tiny_tokenizer(vocab_size: int = 128):
 
 def save_folder(model, folder: Path) -> Path:
     """``model`` (a transformers model) saved with a tiny tokenizer as a Hugging Face folder."""
-    model.save_pretrained(folder)
+    from loraforge.models.quiet import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(folder)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
     return folder
 

@@ -43,10 +43,14 @@ def batch():
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _quiet_single_thread():
+    """PEFT's warnings off; one thread (tiny matmuls on 2 shared cores thrash with more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["plain", "nf4"])

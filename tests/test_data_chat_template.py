@@ -119,3 +119,17 @@ def test_named_templates_with_real_tokenizer_label_the_reply(smol_tok, template)
     end = {"alpaca": "<|im_end|>", "plain": "<|im_end|>", "llama3": "<|eot_id|>"}[template]  # SmolLM2's EOS is <|im_end|>
     assert stats.template == template
     assert [smol_tok.decode(s) for s in labelled_spans(ex["labels"])] == ["Yes" + end]
+
+
+def test_wiki_text_for_continued_pretraining(smol_tok):
+    path = SHARED_DATA / "wiki_demo.txt"
+    docs = [line for line in path.read_text().splitlines() if line.strip()]
+    examples, stats = build_dataset(path, smol_tok, max_length=1024)
+    assert (stats.format, stats.template, stats.rows_read, stats.rows_kept) == ("text", "none", len(docs), len(docs))
+    assert all(len(e["input_ids"]) <= 1024 for e in examples)
+    flat = [t for e in examples for t in e["input_ids"]]
+    eos = smol_tok.eos_token_id
+    assert flat.count(eos) == len(docs) and flat[-1] == eos
+    first_doc = flat[: flat.index(eos)]
+    assert first_doc == smol_tok.encode(docs[0], add_special_tokens=False)
+    assert stats.trained_tokens == stats.total_tokens - stats.examples

@@ -220,3 +220,53 @@ def test_most_rows_all_masked_is_an_error():
     # exactly half is still accepted (the rule is "most rows")
     _, stats = build_dataset(rows[1:], tok, template="chatml", max_length=80)
     assert stats.dropped_all_masked == 1
+
+
+# ------------------------------------------------------------------ tokenizer (Jinja) templates, generic
+
+class TemplatedCharTokenizer(CharTokenizer):
+    """A character tokenizer with a chat template written in Python (stands in for Jinja)."""
+
+    chat_template = "python"
+
+    def __init__(self, hide_old_replies=False):
+        super().__init__()
+        self.hide_old_replies = hide_old_replies
+
+    def apply_chat_template(self, chat, tokenize=False, add_generation_prompt=False):
+        if chat and chat[0]["role"] == "assistant":
+            raise ValueError("Conversation roles must alternate user/assistant")
+        last = max((i for i, m in enumerate(chat) if m["role"] == "assistant"), default=-1)
+        text = "".join(
+            f"[{m['role']}]{'...' if self.hide_old_replies and i < last and m['role'] == 'assistant' else m['content']}|"
+            for i, m in enumerate(chat))
+        return text + ("[assistant]" if add_generation_prompt else "")
+
+
+def test_tokenizer_template_pieces_come_from_prefix_diffs():
+    tok = TemplatedCharTokenizer()
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    (ex,), stats = build_dataset([{"messages": msgs}], tok)
+    assert stats.template == "tokenizer"
+    assert tok.decode(ex["input_ids"]) == "[user]q1|[assistant]a1|[user]q2|[assistant]a2|"
+    assert decode_spans(tok, ex["labels"]) == ["a1|", "a2|"]
+    assert render_prompt(msgs[:1], tok) == "[user]q1|[assistant]"
+
+
+def test_tokenizer_template_that_rewrites_earlier_turns_is_an_error():
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    with pytest.raises(UserError, match="renders earlier turns differently.*choose a named template") as err:
+        build_dataset([{"messages": msgs}], TemplatedCharTokenizer(hide_old_replies=True), source="d")
+    assert err.value.where == "d[0]"
+    # a named template still works for such a tokenizer
+    build_dataset([{"messages": msgs}], TemplatedCharTokenizer(hide_old_replies=True), template="chatml")
+
+
+def test_tokenizer_template_rejection_names_the_row():
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "assistant", "content": "a"}]}]
+    with pytest.raises(UserError, match="chat template rejected this conversation: Conversation roles") as err:
+        build_dataset(rows, TemplatedCharTokenizer(), source="d")
+    assert err.value.where == "d[1]"

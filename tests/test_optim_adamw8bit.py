@@ -19,7 +19,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from loraforge.optim import AdamW8bit  # noqa: E402
 
 LUT_STEP = 2.0 / 65535
-SHAPES = [(70, 150), (5000,), (10, 30)]  # partial last block of 256, 1-D, and a 32-bit small tensor
+# a partial last block of 256, 1-D, two of whole blocks (updated together), a 32-bit small tensor
+SHAPES = [(70, 150), (5000,), (32, 256), (48, 128), (10, 30)]
 
 
 def _maps():
@@ -87,7 +88,7 @@ def test_state_layout_and_small_tensor_fallback():
             assert (key in mine) == (key in bnbs)
             if key in mine:
                 assert mine[key].dtype == bnbs[key].dtype and mine[key].shape == bnbs[key].shape
-    big, small = ours[0], ours[2]
+    big, small = ours[0], ours[-1]
     assert opt.state[big]["state1"].dtype == torch.uint8
     assert opt.state[big]["absmax1"].numel() == math.ceil(70 * 150 / 256)
     assert opt.state[small]["state1"].dtype == torch.float32
@@ -161,7 +162,7 @@ def test_several_steps_track_bitsandbytes_and_fp32():
         opt.step()
         ref.step()
         exact.step()
-    for p, q, f in zip(ours[:2], theirs[:2], full[:2]):  # the 8-bit ones
+    for p, q, f in zip(ours[:-1], theirs[:-1], full[:-1]):  # the 8-bit ones
         not_close = ~torch.isclose(p, q, atol=1e-5, rtol=1e-3)
         assert not_close.float().mean().item() < 0.002
         # ours and bnb agree ten times better than either agrees with fp32 AdamW
@@ -185,3 +186,24 @@ def test_bfloat16_parameters_keep_fp32_state():
             assert state["absmax1"].dtype == torch.float32
         # one bf16 ulp at most where bnb's table picked another code
         assert (~torch.isclose(p.float(), q.float(), atol=0, rtol=2**-7)).float().mean().item() < 0.01
+
+
+def test_chunked_and_batched_updates_are_identical():
+    """Whole-block tensors updated together, or one by one in chunks of whole blocks: same result."""
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen) for s in [(41, 131), (32, 256), (48, 128), (256,)]]
+    results = []
+    for chunk in (AdamW8bit([torch.zeros(1)]).chunk_elements, 512):  # default: batched; 512: chunked
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = AdamW8bit(params, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
+        opt.chunk_elements = chunk
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append([(p.detach().clone(), dict(opt.state[p])) for p in params])
+    for (p1, s1), (p2, s2) in zip(*results):
+        assert torch.equal(p1, p2)
+        for key in ("state1", "state2", "absmax1", "absmax2"):
+            assert torch.equal(s1[key], s2[key])

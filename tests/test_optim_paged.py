@@ -10,9 +10,10 @@ from loraforge.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _params(device="cpu", dtype=torch.float32, big=(400, 300)):
+def _params(device="cpu", dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    shapes = [big, (64, 80), (50,)]  # >= 1e5 elements (paged on CUDA), 8-bit unpaged, 32-bit small
+    big = (400, 300) if device == "cuda" else (70, 100)  # CUDA: >= 1e5 elements, so paged
+    shapes = [big, (64, 80), (50,)]  # (paged,) 8-bit unpaged, 32-bit small
     return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
 
 

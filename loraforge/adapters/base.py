@@ -46,8 +46,9 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight ``[out, in]`` of a linear or quantized linear layer, as a ``dtype`` tensor
-    (a fresh dequantized tensor for a quantized layer, never a view that a caller could modify)."""
+    """The weight ``[out, in]`` of a linear or quantized linear layer as a detached ``dtype``
+    tensor (dequantized for a quantized layer; for a dense layer already in ``dtype`` it shares
+    the layer's storage, so callers must not modify it in place)."""
     if isinstance(layer, nn.Linear):
         return layer.weight.detach().to(dtype)
     return layer.dequantize(dtype)

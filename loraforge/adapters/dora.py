@@ -10,9 +10,9 @@ gradient flows through it). With ``g = m / ||W + s B A||`` the layer output is
 
     y = W x + b + (g - 1) * (W x) + g * s * B A dropout(x)
 
-which is PEFT's arrangement: the base result ``W x + b`` already computed by the wrapped layer
-is reused (minus its bias) instead of a second full matmul. Only in training with dropout is
-``W dropout(x)`` computed separately, exactly as PEFT does.
+i.e. ``y = g * (W x + s B A x) + b``: the base result ``W x + b`` already computed by the
+wrapped layer is reused (minus its bias) instead of a second full matmul. Only in training with
+dropout is ``W dropout(x)`` computed separately, exactly as PEFT does.
 
 The row norm never materialises ``W + s B A``. Expanding the square,
 
@@ -107,14 +107,17 @@ def output(layer: LoraLayer, name: str, x: torch.Tensor, result: torch.Tensor) -
     g = magnitude / weight_norm(layer, name)  # the norm is detached (paper, section 4.3)
 
     if isinstance(dropout, nn.Identity) or not layer.training:
+        # y = g * (W x + s B A x) + b, reusing the base result; autograd keeps one [tokens, out]
+        # tensor (the parenthesis) for the gradient of m
         base_term = result if bias is None else result - bias
-    else:  # as PEFT: the magnitude rescales W dropout(x), which needs its own base matmul
-        x = dropout(x)
-        base_term = layer.base_layer(x.to(_base_dtype(layer))).to(x.dtype)
-        if bias is not None:
-            base_term = base_term - bias
-    lora = lora_b(lora_a(x))
-    return result + (g - 1) * base_term + lora * scaling
+        out = g * (base_term + lora_b(lora_a(x)) * scaling)
+        return out if bias is None else out + bias
+    # as PEFT with dropout in training: the magnitude rescales W dropout(x), a second base matmul
+    x = dropout(x)
+    base_term = layer.base_layer(x.to(_base_dtype(layer))).to(x.dtype)
+    if bias is not None:
+        base_term = base_term - bias
+    return result + (g - 1) * base_term + g * lora_b(lora_a(x)) * scaling
 
 
 @torch.no_grad()

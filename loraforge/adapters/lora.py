@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraforge.adapters import dora
@@ -111,7 +110,8 @@ class LoraConfig(AdapterConfig):
     def from_peft(cls, data: dict[str, Any], where: str) -> LoraConfig:
         reject_unsupported(data, PEFT_LORA_DEFAULTS, where)
         init = data.get("init_lora_weights", True)
-        init = {True: "default", False: "none"}.get(init, init)
+        # the loaded tensors replace the init; only inits that change the base weights matter
+        init = INITS_FROM_PEFT.get(init, init) if isinstance(init, (bool, str)) else init
         config_cls = DoraConfig if data.get("use_dora") else LoraConfig
         return config_cls(
             r=int(data.get("r", 8)),
@@ -133,6 +133,10 @@ class DoraConfig(LoraConfig):
     method = "dora"
     use_dora: bool = True
 
+
+# PEFT init_lora_weights values -> ours; "eva" and "orthogonal" leave the base alone, so a
+# loaded adapter does not depend on them
+INITS_FROM_PEFT: dict[bool | str, str] = {True: "default", False: "none", "eva": "default", "orthogonal": "default"}
 
 # PEFT LoraConfig fields whose non-default values name features loraforge does not implement;
 # written with these values, and any other value is refused on load.

@@ -85,7 +85,7 @@ def _read_json(path: Path, text: str) -> list[Record]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines saved as .json
             return _read_jsonl(path, text)
         raise UserError(f"invalid JSON: {err.msg} (column {err.colno})",
                         where=f"{path}:{err.lineno}") from None

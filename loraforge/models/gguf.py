@@ -34,7 +34,7 @@ def cached_gguf_folder(path: Path) -> Path:
     if all((entry / name).is_file() for name in _REQUIRED):
         return entry
     check_gguf(path)
-    _status(f"converting {path.name} to safetensors once (cached in {entry})")
+    print(f"loraforge: converting {path.name} to safetensors (first load only)", file=sys.stderr)
     with atomic_directory(entry, overwrite=entry.exists()) as tmp:
         convert_gguf(path, tmp)
         (tmp / "source.json").write_text(
@@ -66,8 +66,3 @@ def convert_gguf(path: Path, out: Path) -> None:
         tensors[name] = tensor.contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
-
-def _status(message: str) -> None:
-    from rich.console import Console
-
-    Console(file=sys.stderr, highlight=False).print(f"[dim]loraforge: {message}[/dim]")

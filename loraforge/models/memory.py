@@ -49,7 +49,7 @@ def memory_stats(model: nn.Module) -> MemoryStats:
             n = module.in_features * module.out_features
             stats.quant_params += n
             stats.quant_bytes += n * module.bits_per_parameter() / 8
-            kind = f"{module.quant_type}, block {module.blocksize}"
+            kind = f"{module.quant_type}, block {module.blocksize}" + (", double quant" if module.double_quant else "")
             stats.quant_kinds[kind] += n
             quant_tensors.update(id(t) for t in module.parameters(recurse=False))
             quant_tensors.update(id(t) for t in module.buffers(recurse=False))

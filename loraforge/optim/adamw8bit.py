@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import torch
 
-from loraforge.quant.blockwise import dequantize_blockwise, quantize_blockwise
+from loraforge.optim.codes8 import CodeTable
 from loraforge.optim.state import flat_ids, flat_params, split_state_tensors
 from loraforge.quant.codebooks import dynamic_map
 
@@ -78,7 +78,7 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = min_8bit_size
         self.chunk_elements = CHUNK_ELEMENTS
-        self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._maps: dict[torch.device, tuple[CodeTable, CodeTable]] = {}
 
     # -- state -------------------------------------------------------------------------------
 
@@ -109,9 +109,10 @@ class AdamW8bit(torch.optim.Optimizer):
             "absmax2": torch.zeros(blocks, dtype=torch.float32, **make),
         }
 
-    def _codebooks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _codebooks(self, device: torch.device) -> tuple[CodeTable, CodeTable]:
+        """Lookup tables of the signed (first moment) and unsigned (second moment) dynamic maps."""
         if device not in self._maps:
-            self._maps[device] = (dynamic_map(signed=True).to(device), dynamic_map(signed=False).to(device))
+            self._maps[device] = (CodeTable(dynamic_map(signed=True), device), CodeTable(dynamic_map(signed=False), device))
         return self._maps[device]
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -139,15 +140,72 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            due = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW8bit does not support sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state.update(self.fresh_state(p))
+                    state.update(self.new_state(p))
                 state["step"] += 1
-                self.update(p, state, state["step"], group)
+                due.append((p, state))
+            self.step_group(due, group)
         return loss
+
+    def new_state(self, p: torch.Tensor) -> dict:
+        return self.fresh_state(p)
+
+    def step_group(self, due: list[tuple[torch.Tensor, dict]], group: dict) -> None:
+        """Update the parameters of one group whose step counters were just advanced.
+
+        8-bit tensors made of whole blocks are updated together, a chunk of several at a time
+        (one set of kernels instead of one per tensor: LoRA has hundreds of small matrices); the
+        others one by one. Blocks never straddle two tensors, so the results are the same.
+        """
+        batches: dict[tuple, list] = {}
+        for p, state in due:
+            if self._batchable(p, state):
+                batches.setdefault((p.device, p.dtype, state["step"]), []).append((p, state))
+            else:
+                self.update(p, state, state["step"], group)
+        for (device, _, step), items in batches.items():
+            pack, size = [], 0
+            for p, state in items:
+                if pack and size + p.numel() > self.chunk_elements:
+                    self._update_pack(pack, step, group, device)
+                    pack, size = [], 0
+                pack.append((p, state))
+                size += p.numel()
+            self._update_pack(pack, step, group, device)
+
+    def _batchable(self, p: torch.Tensor, state: dict) -> bool:
+        return (
+            state["state1"].dtype == torch.uint8
+            and p.numel() % BLOCKSIZE == 0
+            and p.numel() < self.chunk_elements
+            and p.is_contiguous()
+        )
+
+    def _update_pack(self, pack: list[tuple[torch.Tensor, dict]], step: int, group: dict, device) -> None:
+        """Concatenate the tensors of ``pack``, update them as one, copy the results back."""
+        beta1, beta2 = group["betas"]
+        rule = _Rule(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
+        signed, unsigned = self._codebooks(device)
+        flat = lambda tensors: torch.cat([t.reshape(-1) for t in tensors])
+        params = [p for p, _ in pack]
+        fields = {key: [state[key] for _, state in pack] for key in ("state1", "state2", "absmax1", "absmax2")}
+        weight, joined = flat(params).float(), {key: flat(tensors) for key, tensors in fields.items()}
+        rule.step_8bit(
+            weight, flat([p.grad for p in params]),
+            (joined["state1"], joined["absmax1"], signed), (joined["state2"], joined["absmax2"], unsigned),
+        )
+        sizes = [p.numel() for p in params]
+        torch._foreach_copy_([p.view(-1) for p in params], list(weight.split(sizes)))
+        for key, tensors in fields.items():
+            parts = joined[key].split([t.numel() for t in tensors])
+            torch._foreach_copy_([t.view(-1) for t in tensors], list(parts))
 
     @torch.no_grad()
     def update(self, p: torch.Tensor, tensors: dict, step: int, group: dict) -> None:
@@ -157,13 +215,11 @@ class AdamW8bit(torch.optim.Optimizer):
         temporaries stay small whatever the parameter's size; blocks are independent, so the
         result does not depend on the chunking.
         """
-        if p.grad.is_sparse:
-            raise RuntimeError("AdamW8bit does not support sparse gradients")
         beta1, beta2 = group["betas"]
         rule = _Rule(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
         work = p if p.is_contiguous() else p.contiguous()
         weight, grad = work.view(-1), p.grad.reshape(-1)
-        flat = {key: value.view(-1) for key, value in tensors.items()}
+        flat = {key: value.view(-1) for key, value in tensors.items() if torch.is_tensor(value)}
         if flat["state1"].dtype == torch.float32:
             rule.step_32bit(weight, grad, flat["state1"], flat["state2"])
         else:
@@ -210,16 +266,13 @@ class _Rule:
         """bnb's blockwise kernel: dequantize, update, p -= lr / c1 * m / (sqrt(v) / c2 + eps), requantize."""
         grad, w = grad.float(), weight.float()
         (codes1, absmax1, map1), (codes2, absmax2, map2) = first, second
-        n = weight.numel()
-        m = dequantize_blockwise(codes1, absmax1, map1, BLOCKSIZE, (n,), torch.float32)
-        v = dequantize_blockwise(codes2, absmax2, map2, BLOCKSIZE, (n,), torch.float32)
+        m = map1.dequantize(codes1, absmax1, BLOCKSIZE)
+        v = map2.dequantize(codes2, absmax2, BLOCKSIZE)
         self._moments(m, v, grad)
         denom = (v.sqrt() / self.correction2).add_(self.eps)
         self._decay(w)
         w.addcdiv_(m, denom, value=-self.lr / self.correction1)
         if w is not weight:
             weight.copy_(w)
-        for x, codes, absmax, code in ((m, codes1, absmax1, map1), (v, codes2, absmax2, map2)):
-            new_codes, new_absmax = quantize_blockwise(x, code, BLOCKSIZE)
-            codes.copy_(new_codes)
-            absmax.copy_(new_absmax)
+        map1.quantize(m, codes1, absmax1, BLOCKSIZE)
+        map2.quantize(v, codes2, absmax2, BLOCKSIZE)

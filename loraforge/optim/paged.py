@@ -75,9 +75,13 @@ class StatePager:
         but the step counter); the caller updates them in place on the current stream. Parameter
         ``i + 1`` is prefetched while ``i`` is updated.
         """
-        if not items:
-            return
-        device = items[0][0].device
+        by_device: dict[torch.device, list] = {}
+        for p, host in items:
+            by_device.setdefault(p.device, []).append((p, host))
+        for device, on_this in by_device.items():
+            yield from self._stream_device(device, on_this)
+
+    def _stream_device(self, device: torch.device, items: list) -> Iterator[tuple[torch.Tensor, dict]]:
         compute = torch.cuda.current_stream(device)
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
@@ -201,29 +205,16 @@ class PagedAdamW8bit(AdamW8bit):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
         self.pager = StatePager(min_paged_size)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            paged = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    pinned = self.pager.pages(p)
-                    state.update(self.fresh_state(p, device=torch.device("cpu") if pinned else None, pin_memory=pinned))
-                state["step"] += 1
-                if self.pager.pages(p):
-                    paged.append((p, state))
-                else:
-                    self.update(p, state, state["step"], group)
-            for p, on_device in self.pager.stream(paged):
-                self.update(p, on_device, self.state[p]["step"], group)
-        return loss
+    def new_state(self, p: torch.Tensor) -> dict:
+        if self.pager.pages(p):
+            return self.fresh_state(p, device=torch.device("cpu"), pin_memory=True)
+        return self.fresh_state(p)
+
+    def step_group(self, due: list[tuple[torch.Tensor, dict]], group: dict) -> None:
+        super().step_group([(p, s) for p, s in due if not self.pager.pages(p)], group)
+        paged = [(p, s) for p, s in due if self.pager.pages(p)]
+        for p, on_device in self.pager.stream(paged):
+            self.update(p, on_device, self.state[p]["step"], group)
 
     def state_dict(self) -> dict:
         self.pager.synchronize()

@@ -165,11 +165,17 @@ def dequantize_blockwise(
     return out.view(shape)
 
 
-def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two codes per byte, element 2i in the high nibble; an odd count pads a zero nibble."""
+def zero_code(code: torch.Tensor) -> int:
+    """The code :func:`quantize_blockwise` gives 0.0 (NF4: 7, FP4: 0): bitsandbytes pads with it."""
+    return int(quantize_blockwise(torch.zeros(1), code, BLOCKSIZES[0])[0][0])
+
+
+def pack_4bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
+    """Two codes per byte, element 2i in the high nibble; an odd count is padded with ``pad_code``
+    (bitsandbytes quantizes a 0.0 there: pass ``zero_code(code)`` to match its bytes)."""
     flat = codes.reshape(-1).to(torch.uint8)
     if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
+        flat = torch.cat([flat, flat.new_full((1,), pad_code)])
     return (flat[0::2] << 4) | (flat[1::2] & 0xF)
 
 
@@ -182,12 +188,12 @@ def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     return out[:n]
 
 
-def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """Four codes per byte, element 4i in the two highest bits; the count is padded with zeros."""
+def pack_2bit(codes: torch.Tensor, pad_code: int = 0) -> torch.Tensor:
+    """Four codes per byte, element 4i in the two highest bits; the count is padded with ``pad_code``."""
     flat = codes.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 4
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = torch.cat([flat, flat.new_full((pad,), pad_code)])
     quads = (flat & 0x3).view(-1, 4)
     return (quads[:, 0] << 6) | (quads[:, 1] << 4) | (quads[:, 2] << 2) | quads[:, 3]
 
@@ -201,12 +207,12 @@ def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
     return out.view(-1)[:n]
 
 
-def pack_codes(codes: torch.Tensor, storage_bits: int) -> torch.Tensor:
+def pack_codes(codes: torch.Tensor, storage_bits: int, pad_code: int = 0) -> torch.Tensor:
     """Pack codes at 2, 4 or 8 bits per code (8: the codes themselves)."""
     if storage_bits == 2:
-        return pack_2bit(codes)
+        return pack_2bit(codes, pad_code)
     if storage_bits == 4:
-        return pack_4bit(codes)
+        return pack_4bit(codes, pad_code)
     return codes.reshape(-1).to(torch.uint8)
 
 

@@ -78,9 +78,12 @@ class RunLog:
         self.console.print(message)
 
     def __enter__(self) -> "RunLog":
+        self._t0 = time.perf_counter()
+        if not self.console.is_terminal:  # logs and pipes get one plain line per step instead
+            return self
         self._progress = Progress(
             TextColumn("[bold]train[/]"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
@@ -97,6 +100,8 @@ class RunLog:
         if self._progress is not None:
             self._progress.__exit__(*exc)
             self._progress = None
+
+    def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -110,10 +115,14 @@ class RunLog:
                "trained_tokens": trained_tokens, "tokens_per_s": round(tps, 1),
                "elapsed_s": round(time.perf_counter() - self._t0, 3), "peak_memory_bytes": peak_memory}
         self._write(row)
+        stats = (f"loss {loss:.4f}  lr {lr:.2e}  gnorm {grad_norm:.3f}  {tps:,.0f} tok/s  "
+                 f"mem {human_bytes(peak_memory)}")
         if self._progress is not None:
-            stats = (f"loss {loss:.4f}  lr {lr:.2e}  gnorm {grad_norm:.3f}  {tps:,.0f} tok/s  "
-                     f"mem {human_bytes(peak_memory)}")
             self._progress.update(self._task, completed=step, stats=stats)
+        else:
+            left = (time.perf_counter() - self._t0) / max(step - self._start_step, 1) * (self.total_steps - step)
+            self.console.print(f"  step {step}/{self.total_steps}  {stats}  ETA {left:.0f} s", highlight=False,
+                               soft_wrap=True)
 
     def eval(self, *, step: int, loss: float, tokens: int) -> None:
         ppl = math.exp(loss) if loss < 50 else float("inf")

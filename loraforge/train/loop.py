@@ -106,14 +106,31 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
         on_start(adapter_model, tokenizer)
 
     adapter_model.train()
+    try:
+        run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
+                  pad_id, device, amp, log, n_steps)
+    finally:
+        log.close()
+    adapter_model.eval()
+    finish(result, config, optimizer, log, device)
+    return result
+
+
+def run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
+              pad_id, device, amp, log, n_steps) -> None:
+    """The optimizer steps from the sampler's position to ``n_steps``, evaluating and saving on
+    schedule; a Ctrl-C is honoured at the next step boundary by saving a checkpoint."""
+    t, output_dir = config.train, result.output_dir
     stop = InterruptFlag()
     with log, stop:
         while sampler.position.step < n_steps:
-            micro_batches = [collate([train_set[i] for i in idx], pad_id, device) for idx in sampler.next_step()]
-            step = sampler.position.step
             start = time.perf_counter()
+            indices = sampler.next_step()
+            step = sampler.position.step
+            micro_batches = [collate([train_set[i] for i in idx], pad_id, device) for idx in indices]
+            seen = sum(len(train_set[i]["input_ids"]) for idx in indices for i in idx)
             lr = scheduler.get_last_lr()[0]
-            loss, trained, seen = accumulate_gradients(adapter_model, micro_batches, amp)
+            loss, trained = accumulate_gradients(adapter_model, micro_batches, amp)
             grad_norm = clip_gradients(params, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -134,30 +151,24 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
                 log.note(f"interrupted: saved {path}; continue with --resume")
                 result.interrupted = True
                 raise KeyboardInterrupt
-
-    if eval_set:
-        result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, result.steps)
-    adapter_model.eval()
-    finish(result, config, optimizer, log, device)
-    return result
+        if eval_set:
+            result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, result.steps)
 
 
 # --------------------------------------------------------------------------- one step
-def accumulate_gradients(model, micro_batches: list[dict], amp) -> tuple[float, int, int]:
+def accumulate_gradients(model, micro_batches: list[dict], amp) -> tuple[float, int]:
     """Backward every micro-batch's summed token loss / the step's trained-token count.
-    Returns (mean loss per trained token, trained tokens, non-padding tokens)."""
+    Returns (mean loss per trained token, trained tokens)."""
     trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-    seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-               for b in micro_batches)
     if trained == 0:
-        return 0.0, 0, seen  # nothing to learn in this step (the data pipeline reports such rows)
+        return 0.0, 0  # nothing to learn in this step (the data pipeline drops such rows)
     total = 0.0
     for batch in micro_batches:
         with amp:
             summed = token_loss_sum(model, batch)
         (summed / trained).backward()
         total += summed.item()
-    return total / trained, trained, seen
+    return total / trained, trained
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:

@@ -1,0 +1,421 @@
+"""LoftQ initialisation (Li et al., ICLR 2024, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for
+Large Language Models", arXiv:2310.08659): quantize the base and initialise the LoRA adapter
+together, so that quantized base + adapter start close to the full-precision weight.
+
+Per adapted layer with weight W, rank r and LoRA scale s (alpha / r, or alpha / sqrt(r) with
+rsLoRA), alternate T times (the paper's Algorithm 1, PEFT's ``loftq_init``), from A = B = 0:
+
+    Q_t = dequant(quant(W - s B_{t-1} A_{t-1}))
+    W - Q_t = U S V^T                           (SVD)
+    B_t = U_r sqrt(S_r / s),   A_t = sqrt(S_r / s) V_r^T      so  s B_t A_t = U_r S_r V_r^T
+
+The base layer becomes Q_T (stored as a loraforge :class:`~loraforge.quant.linear.QuantLinear`)
+and the adapter starts from (A_T, B_T). PEFT and the authors' code set B = U sqrt(S), ignoring s,
+which is only right when alpha = r (PEFT issue #1982); dividing by s makes it right for any alpha.
+Every Q_t is quantized exactly as it is stored (same code book, block size, double quantization),
+so the adapter fits the stored base, not an approximation of it.
+
+Quantizers: ``nf`` (k-bit NormalFloat: nf4 is bitsandbytes' NF4, nf2 / nf3 built the QLoRA way)
+or ``uniform`` (INT-k, levels linspace(-1, 1, 2^k)). Mixed precision as in the paper: the first
+``mixed_4bit_layers`` decoder layers at 4 bits, the rest at ``bits``.
+
+Layers are processed one at a time as the adapter is attached: each full-precision linear is
+replaced by its quantized version before the next is read, and only one layer's fp32
+temporaries exist at a time, so no second full-precision copy of the model is ever held.
+For every layer the relative errors ||W - Q_0||_F / ||W||_F (plain quantization) and
+||W - Q_T - s B_T A_T||_F / ||W||_F (LoftQ) are printed, and the totals at the end
+(:class:`LoftqReport`).
+
+Saving (:func:`save_loftq`): ``adapter/`` a plain PEFT LoRA adapter whose config says
+``init_lora_weights: true``, the value the LoftQ authors' own ``quantize_save.py`` writes so that
+loading does not run LoftQ again (PEFT re-runs ``loftq_init`` on the loaded base when it reads
+``"loftq"``); ``base/`` the quantized base: a bitsandbytes 4-bit folder when every layer is NF4 or
+FP4 with one setting (transformers + bitsandbytes and loraforge load it), otherwise loraforge's
+k-bit folder (:func:`save_kbit_checkpoint`), which bitsandbytes has no format for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraforge.adapters.base import AdapterLayer, Method, is_quantized_linear, register
+from loraforge.adapters.lora import LORA_INITS, LoraConfig, LoraLayer
+from loraforge.errors import UserError, check_choice
+
+QUANTIZERS = ("nf", "uniform")
+
+
+# ----- the algorithm ---------------------------------------------------------------------------
+
+@dataclass
+class LoftqResult:
+    """Output of :func:`loftq_decompose` for one weight: the quantized base (whatever ``quantize``
+    returned), A [r, in], B [out, r], and the errors ||W - Q_0||_F, ||W - Q_T - s B A||_F, ||W||_F."""
+
+    quantized: Any
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    plain_error: float
+    loftq_error: float
+    weight_norm: float
+
+
+@torch.no_grad()
+def loftq_decompose(weight: torch.Tensor, rank: int, scaling: float, iterations: int,
+                    quantize: Callable[[torch.Tensor], tuple[Any, torch.Tensor]]) -> LoftqResult:
+    """LoftQ's alternating optimisation for one weight ``[out, in]``.
+
+    ``quantize(residual)`` returns ``(stored, dequantized)``: whatever is kept as the base and the
+    float32 tensor it stands for. Returns the last ``stored`` with the matching adapter.
+    """
+    if iterations < 1:
+        raise UserError(f"LoftQ needs at least 1 iteration, got {iterations}", where="loftq.iterations")
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    lora_a = w.new_zeros(rank, in_features)
+    lora_b = w.new_zeros(out_features, rank)
+    plain_error = 0.0
+    for t in range(iterations):
+        stored, q = quantize(w - scaling * (lora_b @ lora_a))
+        residual = w - q
+        if t == 0:
+            plain_error = float(torch.linalg.matrix_norm(residual))
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+        k = min(rank, s.numel())
+        root = (s[:k] / scaling).sqrt()
+        lora_b = w.new_zeros(out_features, rank)
+        lora_a = w.new_zeros(rank, in_features)
+        lora_b[:, :k] = u[:, :k] * root
+        lora_a[:k] = root[:, None] * vh[:k]
+        del u, vh
+    loftq_error = float(torch.linalg.matrix_norm(residual - scaling * (lora_b @ lora_a)))
+    return LoftqResult(stored, lora_a, lora_b, plain_error, loftq_error, float(torch.linalg.matrix_norm(w)))
+
+
+def quant_type_for(quantizer: str, bits: int) -> str:
+    """loraforge's quant type name: ("nf", 4) -> "nf4", ("uniform", 2) -> "int2"."""
+    check_choice(quantizer, QUANTIZERS, "LoftQ quantizer", where="loftq.quantizer")
+    return f"nf{bits}" if quantizer == "nf" else f"int{bits}"
+
+
+def layer_index(key: str) -> int | None:
+    """The decoder layer of a module name: the first number between dots (``model.layers.3.mlp...`` -> 3)."""
+    match = re.search(r"\.(\d+)\.", key)
+    return int(match.group(1)) if match else None
+
+
+# ----- the report ----------------------------------------------------------------------------------
+
+@dataclass
+class LoftqReport:
+    """Per-layer rows (key, quant type, ||W - Q0||, ||W - Q - sBA||, ||W||) and the totals."""
+
+    rows: list[tuple[str, str, float, float, float]] = field(default_factory=list)
+    echo: Callable[[str], None] | None = print
+
+    def add(self, key: str, quant_type: str, result: LoftqResult) -> None:
+        self.rows.append((key, quant_type, result.plain_error, result.loftq_error, result.weight_norm))
+        if self.echo is not None:
+            norm = max(result.weight_norm, 1e-30)
+            self.echo(f"loftq {key:<48} {quant_type:>5}  plain {result.plain_error / norm:.4f}  "
+                      f"loftq {result.loftq_error / norm:.4f}")
+
+    def totals(self) -> tuple[float, float]:
+        """(plain, LoftQ) relative error over all layers: sqrt(sum err^2) / sqrt(sum ||W||^2)."""
+        norm = math.sqrt(sum(r[4] ** 2 for r in self.rows)) or 1.0
+        return (math.sqrt(sum(r[2] ** 2 for r in self.rows)) / norm,
+                math.sqrt(sum(r[3] ** 2 for r in self.rows)) / norm)
+
+    def summary(self) -> str:
+        plain, loftq = self.totals()
+        return (f"loftq total over {len(self.rows)} layers: plain quantization error {plain:.4f}, "
+                f"LoftQ error {loftq:.4f} (relative Frobenius)")
+
+
+# ----- the config and the layer ------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class LoftqConfig(LoraConfig):
+    """LoRA with LoftQ initialisation (``adapter.init: loftq`` and ``adapter.loftq``).
+
+    ``loftq_bits`` (2, 3, 4 or 8), ``loftq_iterations`` (T), ``loftq_quantizer`` ("nf" or
+    "uniform"), ``loftq_mixed_4bit_layers`` (first decoder layers kept at 4 bits), and the
+    storage of the quantized base: ``blocksize``, ``double_quant``, ``compute_dtype`` (None: the
+    layer's dtype). ``echo`` prints the per-layer errors (None: silent); ``report`` collects them.
+    """
+
+    method = "loftq"
+    init: str = "loftq"
+    loftq_bits: int = 4
+    loftq_iterations: int = 1
+    loftq_quantizer: str = "nf"
+    loftq_mixed_4bit_layers: int = 0
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    echo: Callable[[str], None] | None = print
+
+    def validate(self) -> None:
+        super().validate()
+        where = f"{self.method} config"
+        if self.init != "loftq":
+            raise UserError(f"a LoftQ config has init 'loftq', got {self.init!r}", where=f"{where}: init")
+        if self.loftq_bits not in (2, 3, 4, 8):
+            raise UserError(f"expected 2, 3, 4 or 8 bits, got {self.loftq_bits!r}", where=f"{where}: loftq.bits")
+        if not isinstance(self.loftq_iterations, int) or self.loftq_iterations < 1:
+            raise UserError(f"expected at least 1 iteration, got {self.loftq_iterations!r}",
+                            where=f"{where}: loftq.iterations")
+        check_choice(self.loftq_quantizer, QUANTIZERS, "LoftQ quantizer", where=f"{where}: loftq.quantizer")
+        if not isinstance(self.loftq_mixed_4bit_layers, int) or self.loftq_mixed_4bit_layers < 0:
+            raise UserError(f"expected a number of layers >= 0, got {self.loftq_mixed_4bit_layers!r}",
+                            where=f"{where}: loftq.mixed_4bit_layers")
+        self.report = LoftqReport(echo=self.echo)
+
+    def quant_type_for(self, key: str | None) -> str:
+        index = layer_index(key) if key else None
+        bits = 4 if index is not None and index < self.loftq_mixed_4bit_layers else self.loftq_bits
+        return quant_type_for(self.loftq_quantizer, bits)
+
+    def to_peft(self, target_modules: str | list[str]) -> dict[str, Any]:
+        # init_lora_weights: true, as the LoftQ authors write it: the adapter holds its trained
+        # values, and "loftq" would make PEFT run LoftQ again on the loaded base
+        return self.to_lora().to_peft(target_modules)
+
+    def to_lora(self) -> LoraConfig:
+        """The same adapter as a plain :class:`LoraConfig` with the default init (what is saved)."""
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, rslora=self.rslora,
+                          init="default", rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+                          targets=self.targets, exclude=self.exclude, layers_to_transform=self.layers_to_transform,
+                          layers_pattern=self.layers_pattern, modules_to_save=list(self.modules_to_save))
+
+
+class LoftqLayer(LoraLayer):
+    """A :class:`LoraLayer` that knows its module name, which LoftQ's mixed precision needs."""
+
+    def add(self, name: str, config: LoraConfig, key: str, shared: nn.Module | None = None) -> None:
+        self.module_key = key
+        super().add(name, config, key, shared)
+
+
+@torch.no_grad()
+def _init_loftq(layer: LoraLayer, name: str, config: LoraConfig) -> None:
+    """LoftQ for one layer: replace its full-precision base by Q_T, set A_T and B_T.
+    A plain :class:`LoraConfig` with ``init="loftq"`` gets LoftQ's defaults (NF4, 1 iteration)."""
+    settings = config if isinstance(config, LoftqConfig) else LoftqConfig(
+        r=config.r, alpha=config.alpha, rslora=config.rslora, echo=None)
+    base = layer.base_layer
+    key = getattr(layer, "module_key", None)
+    if is_quantized_linear(base) or not isinstance(base, nn.Linear):
+        raise UserError(f"LoftQ needs the full-precision weight of {key or 'each layer'}, but the base is already "
+                        "quantized; load the model without quantization: LoftQ quantizes it itself",
+                        where="adapter.init")
+    if settings.loftq_mixed_4bit_layers and key is None:
+        raise UserError("loftq.mixed_4bit_layers needs a LoftqConfig (the layer names)", where="adapter.loftq")
+    quant_type = settings.quant_type_for(key)
+    compute_dtype = settings.compute_dtype or base.weight.dtype
+
+    def quantize(residual: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        from loraforge.quant.linear import QuantLinear
+
+        stored = QuantLinear.from_linear(_as_linear(residual, base.bias), quant_type=quant_type,
+                                         blocksize=settings.blocksize, double_quant=settings.double_quant,
+                                         compute_dtype=compute_dtype)
+        return stored, stored.dequantize(torch.float32)
+
+    result = loftq_decompose(base.weight, layer.r[name], layer.scaling[name], settings.loftq_iterations, quantize)
+    layer.lora_A[name].weight.copy_(result.lora_a)
+    layer.lora_B[name].weight.copy_(result.lora_b)
+    layer.base_layer = result.quantized
+    settings.report.add(key or "?", quant_type, result)
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding ``weight`` (no copy) and ``bias``, to hand to QuantLinear.from_linear."""
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                device=weight.device, dtype=weight.dtype)
+    linear.weight.data = weight
+    if bias is not None:
+        linear.bias.data = bias.detach()
+    return linear
+
+
+LORA_INITS["loftq"] = _init_loftq
+register(Method(name="loftq", peft_type="LORA", config_cls=LoftqConfig, layer_cls=LoftqLayer))
+
+
+def loftq_attach(model: nn.Module, config: LoftqConfig, name: str = "default"):
+    """Quantize ``model``'s targeted layers with LoftQ and attach the adapter; prints the per-layer
+    errors and the totals. Returns the :class:`~loraforge.adapters.model.AdapterModel`."""
+    from loraforge.adapters.model import attach
+
+    adapter_model = attach(model, config, name)
+    if config.echo is not None:
+        config.echo(config.report.summary())
+    return adapter_model
+
+
+# ----- saving and loading ------------------------------------------------------------------------
+
+KBIT_METHOD = "loraforge-kbit"
+QUANT_STATE_SUFFIX = ".weight.quant_state.loraforge"
+
+
+@contextlib.contextmanager
+def unwrapped(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every adapter layer of ``model`` is replaced by its base layer (so the
+    model's state dict has the base model's names); restored afterwards."""
+    wrappers = [(key, module) for key, module in model.named_modules() if isinstance(module, AdapterLayer)]
+    for key, module in wrappers:
+        _set_submodule(model, key, module.base_layer)
+    try:
+        yield model
+    finally:
+        for key, module in wrappers:
+            _set_submodule(model, key, module)
+
+
+def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
+    parent, _, child = key.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def save_loftq(adapter_model, tokenizer, out_dir: str | Path, name: str = "default") -> Path:
+    """Write ``out_dir/adapter`` (PEFT LoRA) and ``out_dir/base`` (the quantized base)."""
+    out = Path(out_dir)
+    adapter_model.save_pretrained(out / "adapter", adapter_names=[name])
+    from loraforge.quant.linear import QuantLinear
+
+    model = adapter_model.model
+    with unwrapped(model):
+        kinds = {(m.quant_type, m.double_quant) for m in model.modules() if isinstance(m, QuantLinear)}
+        if len(kinds) == 1 and next(iter(kinds))[0] in ("nf4", "fp4"):
+            from loraforge.models import save_quantized
+
+            save_quantized(model, tokenizer, out / "base", overwrite=True)
+        else:
+            save_kbit_checkpoint(model, tokenizer, out / "base")
+    return out
+
+
+def load_loftq(out_dir: str | Path, name: str = "default", is_trainable: bool = False):
+    """(AdapterModel, tokenizer) from a folder written by :func:`save_loftq`."""
+    from loraforge.adapters.model import load_adapter
+
+    out = Path(out_dir)
+    config = json.loads((out / "base" / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") == KBIT_METHOD:
+        model, tokenizer = load_kbit_checkpoint(out / "base")
+    else:
+        from loraforge.models import load_model
+
+        model, tokenizer = load_model(str(out / "base"))
+    return load_adapter(model, out / "adapter", name=name, is_trainable=is_trainable), tokenizer
+
+
+def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """loraforge's k-bit checkpoint, for code books bitsandbytes lacks (NF2, NF3, INT-k, mixes).
+
+    A Hugging Face folder (``config.json`` + ``model.safetensors`` + tokenizer) where
+    ``config.json`` has ``quantization_config = {"quant_method": "loraforge-kbit", "version": 1}``
+    and every quantized linear ``L`` stores its QuantLinear buffers under ``L.weight`` (packed
+    codes, uint8: 2-bit codes four per byte, element 4i in the high bits; 3- and 4-bit two per
+    byte, element 2i in the high nibble), ``L.weight.absmax`` (float32 per block, or uint8 codes
+    with double quantization, then also ``L.weight.nested_absmax`` float32 per 256 blocks,
+    ``L.weight.offset`` and ``L.weight.nested_quant_map``), ``L.weight.quant_map`` (the code book)
+    and ``L.weight.quant_state.loraforge`` (UTF-8 JSON bytes: quant_type, blocksize, shape
+    [out, in], double_quant, compute_dtype); ``L.bias`` and every other tensor as usual (tied
+    tensors once). Weight = quant_map[code] * absmax per block, row-major.
+    """
+    from safetensors.torch import save_file
+
+    from loraforge.quant.linear import QuantLinear
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = {key: m for key, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, layer in layers.items():
+        for buffer in ("absmax", "nested_absmax", "offset", "quant_map", "nested_quant_map"):
+            value = getattr(layer, buffer)
+            if value is not None:
+                tensors[f"{key}.weight.{buffer}"] = value
+        tensors[f"{key}.weight"] = layer.qweight
+        state = {"quant_type": layer.quant_type, "blocksize": layer.blocksize, "double_quant": layer.double_quant,
+                 "shape": [layer.out_features, layer.in_features],
+                 "compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
+        tensors[key + QUANT_STATE_SUFFIX] = torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+        if layer.bias is not None:
+            tensors[f"{key}.bias"] = layer.bias
+    seen: set[tuple[int, int]] = set()
+    for key, tensor in model.state_dict().items():
+        if any(key.startswith(f"{layer}.") for layer in layers):
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        tensors[key] = tensor
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": KBIT_METHOD, "version": 1}
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out
+
+
+def load_kbit_checkpoint(folder: str | Path):
+    """(model, tokenizer) from a :func:`save_kbit_checkpoint` folder, its linears QuantLinear
+    (tokenizer None when the folder holds none)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.models.bnb_checkpoint import _materialize_buffers
+    from loraforge.quant.double_quant import NestedAbsmax
+    from loraforge.quant.linear import QuantLinear
+
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("quantization_config", {}).get("quant_method") != KBIT_METHOD:
+        raise UserError(f"not a loraforge k-bit checkpoint (quantization_config.quant_method != {KBIT_METHOD!r})",
+                        where=str(folder / "config.json"))
+    tensors = load_file(str(folder / "model.safetensors"))
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for state_key in [k for k in tensors if k.endswith(QUANT_STATE_SUFFIX)]:
+        key = state_key[: -len(QUANT_STATE_SUFFIX)]
+        state = json.loads(bytes(tensors.pop(state_key).tolist()).decode())
+        get = lambda suffix: tensors.pop(f"{key}.weight{suffix}", None)  # noqa: E731
+        qweight, absmax, quant_map = get(""), get(".absmax"), get(".quant_map")
+        nested_absmax, offset, nested_map = get(".nested_absmax"), get(".offset"), get(".nested_quant_map")
+        nested = NestedAbsmax(absmax, nested_absmax, offset, nested_map) if state["double_quant"] else None
+        out_features, in_features = state["shape"]
+        layer = QuantLinear.from_quantized(
+            qweight, absmax, in_features=in_features, out_features=out_features, quant_type=state["quant_type"],
+            blocksize=state["blocksize"], nested=nested, quant_map=quant_map, bias=tensors.pop(f"{key}.bias", None),
+            compute_dtype=getattr(torch, state["compute_dtype"]))
+        _set_submodule(model, key, layer)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    _materialize_buffers(model)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UserError(f"the checkpoint has no weights for {', '.join(missing[:5])}", where=str(folder))
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return model.eval(), (AutoTokenizer.from_pretrained(folder) if has_tokenizer else None)

@@ -1,0 +1,67 @@
+"""A terminal chat: the conversation so far is re-rendered with the training chat template each
+turn, the reply streams token by token, and ``/reset`` / ``/exit`` are commands.
+
+Each turn encodes the whole history (``encode_messages``), so the model sees exactly the token
+sequence training produced for a conversation of that shape; the reply (without its end-of-turn
+token) joins the history as an assistant message. A history longer than the model's context is
+cut from the oldest turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from loraforge.infer.generate import GenerationSettings, StreamWriter, generate_ids
+from loraforge.infer.prompts import encode_messages, pad_token_id, stop_token_ids
+
+HELP = "commands: /reset (forget the conversation), /exit (quit)"
+
+
+def chat_loop(model, tokenizer, template: str, settings: GenerationSettings, lines: Iterable[str],
+              write: Callable[[str], None], *, system: str | None = None, max_context: int | None = None,
+              prompt_marker: Callable[[], None] | None = None) -> list[dict]:
+    """Run a chat over the user ``lines``; ``write`` receives every piece of output text.
+
+    Returns the final history (after the last ``/reset``)."""
+    import torch
+
+    stops = stop_token_ids(tokenizer, model, chat=True)
+    pad = pad_token_id(tokenizer)
+    base = [{"role": "system", "content": system}] if system else []
+    history = list(base)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    limit = max_context or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if prompt_marker:
+        prompt_marker()
+    for line in lines:
+        text = line.rstrip("\n")
+        command = text.strip().lower()
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            history = list(base)
+            write("(conversation reset)\n")
+        elif command in ("/help", "/?"):
+            write(HELP + "\n")
+        elif text.strip():
+            history.append({"role": "user", "content": text})
+            ids = _fit(history, tokenizer, template, limit, settings.max_new_tokens, len(base))
+            streamer = StreamWriter(tokenizer, write)
+            reply_ids = generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=streamer)[0]
+            reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
+            write("\n")
+            history.append({"role": "assistant", "content": reply})
+        if prompt_marker:
+            prompt_marker()
+    return history
+
+
+def _fit(history: list[dict], tokenizer, template: str, limit: int | None, new_tokens: int, keep: int) -> list[int]:
+    """The prompt ids, dropping the oldest exchanges (after the ``keep`` system messages) while
+    the prompt plus the reply would not fit the context."""
+    ids = encode_messages(history, tokenizer, template)
+    while limit and len(ids) + new_tokens > limit and len(history) > keep + 1:
+        del history[keep:keep + 2]  # one user message and its reply
+        ids = encode_messages(history, tokenizer, template)
+    return ids

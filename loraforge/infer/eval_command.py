@@ -1,0 +1,113 @@
+"""``loraforge eval MODEL [--adapter DIR] --data FILE [--metric perplexity|accuracy] [--compare]``
+
+- ``perplexity`` (default) on a ``.txt`` file: strided windows (``--window``, ``--stride``; see
+  evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
+  rendered with the training template.
+- ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
+  ``contains``.
+- ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
+  in the same run and prints them side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loraforge.errors import UserError
+from loraforge.infer.cli_args import add_model_arguments, load_session, stderr_console
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, metavar="FILE", help=".txt text, a data set, or {prompt, answer} JSONL")
+    parser.add_argument("--metric", choices=("perplexity", "accuracy"), default="perplexity")
+    parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
+    parser.add_argument("--window", type=int, default=None, metavar="N",
+                        help="tokens per window / longest example (default min(1024, model context))")
+    parser.add_argument("--stride", type=int, default=None, metavar="N", help="window step for .txt (default window/2)")
+    parser.add_argument("--match", choices=("exact", "contains"), default="exact",
+                        help="accuracy: output equals the answer (stripped), or contains it")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="accuracy: tokens per answer (default 32)")
+    parser.add_argument("--raw", action="store_true", help="accuracy: prompts as plain text, without the chat template")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per batch (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    if args.compare and not args.adapter:
+        raise UserError("--compare puts base and adapter side by side; give the adapter with --adapter", where="--compare")
+    if not data.is_file():
+        raise UserError("data file not found", where=str(data))
+    if args.metric == "accuracy" and data.suffix.lower() == ".txt":
+        raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
+    session = load_session(args)
+    measure = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
+    results: dict[str, str] = {}
+    if args.compare:
+        with session.adapter.disable_adapter():
+            results["base"] = measure()
+    results["adapter" if args.adapter else "model"] = measure()
+    _print_table(args, results)
+    return 0
+
+
+def _perplexity(args, session):
+    from loraforge.infer.evaluate import perplexity_responses, perplexity_text, text_token_ids
+    from loraforge.infer.prompts import pad_token_id
+
+    context = getattr(session.model.config, "max_position_embeddings", None) or 1024
+    window = args.window or min(1024, context)
+    if window < 2:
+        raise UserError(f"expected a window of at least 2 tokens, got {window}", where="--window")
+    if Path(args.data).suffix.lower() == ".txt":
+        stride = args.stride or max(window // 2, 1)
+        ids = text_token_ids(Path(args.data).read_text(encoding="utf-8"), session.tokenizer)
+        stderr_console().print(f"[dim]{len(ids):,} tokens, window {window}, stride {stride}[/dim]")
+        return lambda: _ppl(perplexity_text(session.model, ids, window, stride))
+    from loraforge.data import build_dataset
+
+    template = args.template or session.trained_template or "auto"
+    examples, stats = build_dataset(args.data, session.tokenizer, template=template, max_length=window)
+    stderr_console().print(f"[dim]{stats.summary()}[/dim]")
+    pad = pad_token_id(session.tokenizer)
+    return lambda: _ppl(perplexity_responses(session.model, examples, pad, args.batch_size))
+
+
+def _ppl(result) -> str:
+    return f"{result.value:.4f}"
+
+
+def _accuracy(args, session):
+    from loraforge.infer.evaluate import accuracy, read_qa_rows
+    from loraforge.infer.generate import GenerationSettings, generate
+    from loraforge.infer.prompts import encode_text, pad_token_id, resolve_template, stop_token_ids
+
+    rows = read_qa_rows(args.data)
+    tokenizer = session.tokenizer
+    template = None if args.raw else resolve_template(tokenizer, args.template, session.trained_template)
+    prompts = [encode_text(row["prompt"], tokenizer, template) for row in rows]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    stops = stop_token_ids(tokenizer, session.model, chat=template is not None)
+
+    def measure() -> str:
+        outs = generate(session.model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad_token_id(tokenizer),
+                        batch_size=args.batch_size)
+        texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+        correct, total = accuracy(texts, [row["answer"] for row in rows], args.match)
+        return f"{correct / total:.2%} ({correct}/{total})"
+
+    return measure
+
+
+def _print_table(args, results: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    what = args.metric if args.metric == "perplexity" else f"accuracy ({args.match} match)"
+    table = Table(title=f"{what} on {args.data}")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    table.add_row(what, *results.values())
+    Console(highlight=False, soft_wrap=True).print(table)

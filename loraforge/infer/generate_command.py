@@ -1,0 +1,107 @@
+"""``loraforge generate MODEL [--adapter DIR] (--prompt TEXT | --prompts FILE.jsonl [--out FILE.jsonl])``
+
+One prompt: the reply streams to stdout. A prompts file (JSONL rows with ``prompt``, or
+``messages`` for a whole conversation; other fields are carried through): batches of
+``--batch-size`` prompts of similar length, left-padded, with a progress bar on stderr; each
+row is written back with its generated ``output`` to ``--out`` (atomically) or to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from loraforge.errors import UserError
+from loraforge.infer.cli_args import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_session,
+    settings_from_args,
+    stderr_console,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="one prompt (the reply is printed as it is generated)")
+    source.add_argument("--prompts", metavar="FILE.jsonl", help='JSONL rows with a "prompt" (or "messages") field')
+    parser.add_argument("--out", metavar="FILE.jsonl", default=None,
+                        help="where to write the rows with their output (default: stdout)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraforge.infer.generate import StreamWriter, encode_row, generate, generate_ids, read_prompt_rows, write_jsonl
+    from loraforge.infer.prompts import encode_text, pad_token_id, resolve_template, stop_token_ids
+
+    if args.out and not args.prompts:
+        raise UserError("--out goes with --prompts (a single --prompt prints its reply)", where="--out")
+    settings = settings_from_args(args)
+    rows = read_prompt_rows(args.prompts) if args.prompts else None  # bad input before the slow load
+    session = load_session(args)
+    model, tokenizer = session.model, session.tokenizer
+    template = None if args.raw else resolve_template(tokenizer, args.template, session.trained_template)
+    stops = stop_token_ids(tokenizer, model, chat=template is not None)
+    pad = pad_token_id(tokenizer)
+
+    if rows is None:
+        if settings.seed is not None:
+            import torch
+
+            torch.manual_seed(settings.seed)
+        ids = encode_text(args.prompt, tokenizer, template)
+        write = _stdout_writer()
+        generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=StreamWriter(tokenizer, write))
+        write("\n")
+        return 0
+
+    prompts = [encode_row(row, tokenizer, template) for row in rows]
+    started = time.perf_counter()
+    with _progress(len(prompts), disable=args.no_progress) as advance:
+        outputs = generate(model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad,
+                           batch_size=args.batch_size, on_batch=advance)
+    seconds = time.perf_counter() - started
+    new_tokens = sum(len(o) for o in outputs)
+    out_rows = [{**row, "output": tokenizer.decode(o, skip_special_tokens=True)} for row, o in zip(rows, outputs)]
+    write_jsonl(out_rows, args.out)
+    stderr_console().print(f"generated {new_tokens:,} tokens for {len(rows)} prompts in {seconds:.1f} s "
+                           f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s)" + (f"; wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def _stdout_writer():
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write
+
+
+class _progress:
+    """A rich progress bar over prompts, advanced by ``generate``'s per-batch callback."""
+
+    def __init__(self, total: int, disable: bool):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
+                            TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=stderr_console(), disable=disable, transient=False)
+        self.task = self.bar.add_task("generate", total=total, tokens=0)
+        self.tokens = 0
+
+    def __enter__(self):
+        self.bar.start()
+
+        def advance(prompts: int, tokens: int) -> None:
+            self.tokens += tokens
+            self.bar.update(self.task, advance=prompts, tokens=self.tokens)
+
+        return advance
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()

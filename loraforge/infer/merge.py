@@ -1,0 +1,190 @@
+"""Merging an adapter into its base and writing the result (safetensors or bitsandbytes 4-bit).
+
+Merging happens in float32 whatever the base: the model is loaded with float32 compute, a 4-bit
+base layer is dequantized (``QuantLinear.dequantize``: code * absmax in float32) and each adapted
+layer becomes a dense ``nn.Linear`` holding the method's merged weight (the adapters registry's
+merge rule: W + s B A for LoRA, m (W + s B A) / ||W + s B A|| for DoRA, W + diag(lambda_b) B
+diag(lambda_d) A for VeRA, and whatever a later method registers). Only then is the model cast
+to the output dtype, so the 4-bit base is never rounded twice.
+
+Tied embeddings: when the output head is adapted (or trained in full through
+``modules_to_save``) while it shares its weight with the input embeddings, the head gets its own
+copy before merging (otherwise merging into it would change the embeddings as well) and the
+config says ``tie_word_embeddings = false``; an untouched tied head stays tied and is stored once.
+
+Outputs:
+- ``safetensors``: ``save_pretrained`` shards (``model-0000k-of-0000n.safetensors`` + index when
+  larger than ``max_shard_size``), the tokenizer with its chat template, the generation config;
+  plain ``transformers.AutoModelForCausalLM.from_pretrained`` loads it.
+- ``nf4``: the merged layers are quantized again (NF4 with the base's block size and double
+  quantization; every 4-bit layer the adapter did not touch keeps its codes) and written with
+  ``loraforge.models.save_quantized`` as a bitsandbytes checkpoint. How far that moves the logits
+  on a few probe tokens is measured and reported.
+- ``gguf``: see ``export_gguf.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraforge.errors import UserError
+
+PROBE_TEXT = ("The capital of France is Paris. Water boils at 100 degrees Celsius at sea level. "
+              "def add(a, b): return a + b")
+
+
+def merge_adapter(source: str | Path, adapter: str | Path | None):
+    """(model, tokenizer): ``source`` with the adapter folder merged in, float32 throughout.
+
+    Layers the adapter does not touch stay as loaded (4-bit layers stay 4-bit)."""
+    from loraforge.infer.session import attach_adapter_folder
+    from loraforge.models import load_model
+
+    model, tokenizer = load_model(source, compute_dtype=torch.float32)
+    if adapter is None:
+        return model, tokenizer
+    adapter_model = attach_adapter_folder(model, adapter, str(source))
+    untie_adapted_head(adapter_model.model)
+    merged = adapter_model.merge_and_unload()
+    mark_untied(merged)
+    return merged, tokenizer
+
+
+def untie_adapted_head(model: nn.Module) -> None:
+    """Give a wrapped (adapted) output head its own weight if it shares the input embeddings'."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    inner = getattr(head, "base_layer", None) or getattr(head, "original_module", None)
+    if inner is None or embed is None or getattr(inner, "weight", None) is not embed.weight:
+        return
+    inner.weight = nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for copy in getattr(head, "modules_to_save", {}).values():
+        if copy.weight is embed.weight:
+            copy.weight = nn.Parameter(copy.weight.detach().clone(), requires_grad=False)
+    _set_tied(model, False)
+
+
+def mark_untied(model: nn.Module) -> None:
+    """``tie_word_embeddings = false`` when head and embeddings no longer share one tensor."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is not embed.weight:
+        _set_tied(model, False)
+
+
+def _set_tied(model: nn.Module, value: bool) -> None:
+    config = model.config
+    config.tie_word_embeddings = value
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        text.tie_word_embeddings = value
+
+
+def is_tied(model: nn.Module) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+@torch.no_grad()
+def dequantize_all(model: nn.Module) -> nn.Module:
+    """Replace every quantized linear layer by a float32 ``nn.Linear`` with its dequantized weight."""
+    from loraforge.adapters.base import is_quantized_linear
+
+    for key, module in list(model.named_modules()):
+        if not is_quantized_linear(module):
+            continue
+        weight = module.dequantize(torch.float32)
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=weight.device, dtype=torch.float32)
+        dense.weight.copy_(weight)
+        if module.bias is not None:
+            dense.bias.copy_(module.bias.float())
+        dense.requires_grad_(False)
+        parent, _, child = key.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+    return model
+
+
+def save_safetensors(model: nn.Module, tokenizer, out: str | Path, dtype: torch.dtype, *,
+                     max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
+    """Write a plain (dense) Hugging Face folder atomically: shards, config, tokenizer, template."""
+    from loraforge.models.cache import atomic_directory, check_output_dir
+    from loraforge.models.quiet import quiet_transformers
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    dequantize_all(model)
+    model.to(dtype)
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    config.dtype = dtype
+    config.architectures = [type(model).__name__]
+    with atomic_directory(out, overwrite=True) as tmp, quiet_transformers():
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+@dataclass
+class LogitDrift:
+    """How far re-quantizing moved the logits on the probe tokens."""
+
+    tokens: int
+    max_abs: float
+    mean_abs: float
+    relative: float  # ||new - ref|| / ||ref||
+    argmax_agree: int  # probe positions whose most likely next token is unchanged
+
+    def summary(self) -> str:
+        return (f"logits on {self.tokens} probe tokens moved by max |d| {self.max_abs:.4g}, mean |d| "
+                f"{self.mean_abs:.4g} (relative {self.relative:.2%}); the most likely next token is "
+                f"unchanged at {self.argmax_agree}/{self.tokens} positions")
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(input_ids=probe.to(device)).logits.float().cpu()[0]
+
+
+def logit_drift(ref: torch.Tensor, new: torch.Tensor) -> LogitDrift:
+    diff = (new - ref).abs()
+    return LogitDrift(
+        tokens=ref.shape[0],
+        max_abs=diff.max().item(),
+        mean_abs=diff.mean().item(),
+        relative=((new - ref).norm() / ref.norm().clamp_min(1e-30)).item(),
+        argmax_agree=int((new.argmax(-1) == ref.argmax(-1)).sum()),
+    )
+
+
+@torch.no_grad()
+def save_nf4(model: nn.Module, tokenizer, out: str | Path, dtype: torch.dtype, *,
+             overwrite: bool = False) -> LogitDrift:
+    """Quantize the merged (dense) linear layers to NF4, write a bitsandbytes folder, report drift."""
+    from loraforge.adapters.base import is_quantized_linear
+    from loraforge.models import save_quantized
+    from loraforge.models.cache import check_output_dir
+    from loraforge.quant.replace import quantize_model
+
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    probe = torch.tensor([tokenizer.encode(PROBE_TEXT, add_special_tokens=True)], dtype=torch.long)
+    reference = probe_logits(model, probe)
+    kept = [m for m in model.modules() if is_quantized_linear(m)]
+    blocksize = kept[0].blocksize if kept else 64
+    double_quant = getattr(kept[0], "double_quant", True) if kept else True
+    quantize_model(model, quant_type="nf4", blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+    for module in model.modules():
+        if is_quantized_linear(module):
+            module.compute_dtype = dtype
+        else:
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point():
+                    param.data = param.data.to(dtype)
+    drift = logit_drift(reference, probe_logits(model, probe))
+    save_quantized(model, tokenizer, out, overwrite=True)
+    return drift

@@ -1,0 +1,74 @@
+"""Prompt text -> token ids, and the tokens that end a reply.
+
+By default a prompt is one user message rendered with the chat template the model was trained
+with (``loraforge.data.encode_prompt``: the same pieces, the same special tokens as training),
+ending with the assistant header. ``raw`` sends the text as is (with the tokenizer's BOS, if it
+adds one). Template choice: an explicit ``--template``, else the template recorded in the
+adapter's training config, else the tokenizer's own chat template; a tokenizer without one is
+an error rather than a silent guess.
+
+Generation stops at EOS, at the ids the model's generation config lists as EOS, and, for chat
+prompts, at the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loraforge.errors import UserError
+
+# single tokens that close an assistant turn in the common chat formats
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+
+
+def resolve_template(tokenizer, template: str | None, trained: str | None = None) -> str:
+    """The template name to render chat prompts with (see module docstring)."""
+    name = template or trained or "tokenizer"
+    if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat template; pass --raw to send prompts as plain text, or name a "
+            "template with --template (chatml, alpaca, llama3, plain)",
+            where="tokenizer",
+        )
+    return name
+
+
+def encode_messages(messages: Sequence[dict], tokenizer, template: str) -> list[int]:
+    """Token ids of a conversation plus the assistant header, encoded as training encodes prompts."""
+    from loraforge.data import encode_prompt
+
+    return encode_prompt(messages, tokenizer, template)
+
+
+def encode_text(text: str, tokenizer, template: str | None) -> list[int]:
+    """One prompt's ids: a user message under ``template``, or raw text when ``template`` is None."""
+    if template is None:
+        return list(tokenizer.encode(text, add_special_tokens=True))
+    return encode_messages([{"role": "user", "content": text}], tokenizer, template)
+
+
+def stop_token_ids(tokenizer, model=None, chat: bool = True) -> list[int]:
+    """Ids that end generation: EOS, the generation config's EOS ids, and (chat) end-of-turn."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    config = getattr(model, "generation_config", None)
+    if config is not None:
+        add(getattr(config, "eos_token_id", None))
+    if chat:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        add([vocab[t] for t in END_OF_TURN_TOKENS if t in vocab])
+    return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for (masked) padding: the tokenizer's pad, else its EOS, else 0."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0

@@ -1,0 +1,83 @@
+"""Loading what inference runs: a base model (any source ``load_model`` reads) and, optionally,
+an unmerged adapter on top of it.
+
+The adapter stays unmerged, so a 4-bit base keeps its 4-bit layers and ``--compare`` can switch
+the adapter off (``AdapterModel.disable_adapter``). An adapter folder written by ``loraforge
+train`` also holds the run's ``config.yaml``; its ``data.template`` is the chat template the
+adapter was trained with, which generation and chat then use by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraforge.errors import UserError
+
+
+@dataclass
+class InferenceSession:
+    """``model`` is what to call (the AdapterModel when an adapter is loaded, else the base)."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Any = None  # the AdapterModel, or None
+    trained_template: str | None = None  # data.template of the adapter's training run, if known
+
+    @property
+    def device(self):
+        import torch
+
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+
+def load_for_inference(source: str | Path, adapter: str | Path | None = None, *, quantize: str | None = None,
+                       compute_dtype=None, device: str | None = None) -> InferenceSession:
+    """Load ``source`` (quantized on the fly with ``quantize``) and attach the adapter folder."""
+    from loraforge.models import load_model
+
+    model, tokenizer = load_model(source, quantize=quantize, compute_dtype=compute_dtype, device=device)
+    if adapter is None:
+        return InferenceSession(model, tokenizer)
+    adapter_model = attach_adapter_folder(model, adapter, str(source))
+    return InferenceSession(adapter_model, tokenizer, adapter_model, trained_template(adapter))
+
+
+def attach_adapter_folder(model, adapter: str | Path, source: str):
+    """``load_adapter`` with a clearer message when the adapter was made for another base."""
+    import json
+
+    from loraforge.adapters import load_adapter
+
+    folder = Path(adapter)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        return load_adapter(model, folder)  # its own error: folder or config missing
+    try:
+        return load_adapter(model, folder)
+    except UserError as err:
+        try:
+            base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        made_for = f" (it names {base!r} as its base)" if base else ""
+        raise UserError(f"{err.message}; this adapter does not fit the model {source}{made_for}: "
+                        "load it on the base model it was trained on", where=err.where) from None
+
+
+def trained_template(adapter: str | Path) -> str | None:
+    """``data.template`` from the ``config.yaml`` that ``loraforge train`` writes beside the adapter."""
+    import yaml
+
+    file = Path(adapter) / "config.yaml"
+    if not file.is_file():
+        return None
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    data = config.get("data") if isinstance(config, dict) else None
+    template = data.get("template") if isinstance(data, dict) else None
+    return template if isinstance(template, str) else None

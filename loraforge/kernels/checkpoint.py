@@ -1,0 +1,104 @@
+"""Activation (gradient) checkpointing per decoder layer (Chen et al., 2016, arXiv:1604.06174),
+with optional offload of the saved layer inputs to pinned CPU memory.
+
+Forward runs each decoder layer without recording a graph and keeps only its input hidden
+state (``[B, S, H]``); backward brings that input back, re-runs the layer with grad enabled
+(restoring the RNG state, so dropout repeats) and back-propagates through it. Memory for
+activations is one hidden state per layer plus one layer's full activations at a time. With
+``offload=True`` the saved input of a CUDA layer is copied to pinned host memory (asynchronous
+copy on the current stream) and copied back in backward: the GPU then keeps no per-layer
+activations at all, at the price of two PCIe transfers of ``B S H`` elements per layer. On CPU
+tensors offloading changes nothing.
+
+:func:`enable_checkpointing` installs this on every transformers ``GradientCheckpointingLayer``
+of a model through transformers' own hook (``layer.gradient_checkpointing`` and
+``layer._gradient_checkpointing_func``, which the layer calls as ``func(forward, *args)`` while
+training with grad enabled, after dropping caches); :func:`disable_checkpointing` undoes it.
+The function is reentrant-style: it takes a zero-size dummy input that requires grad so that
+backward reaches the layer even when the hidden states do not require grad (frozen
+embeddings), and it accumulates the LoRA parameters' gradients directly, as PyTorch's reentrant
+checkpoint does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def _offload(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    host.copy_(t.detach(), non_blocking=True)
+    return host
+
+
+class CheckpointFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run_fn, offload: bool, dummy: torch.Tensor, *args):
+        ctx.run_fn = run_fn
+        ctx.devices = [a.device for a in args if isinstance(a, torch.Tensor)]
+        ctx.requires = [isinstance(a, torch.Tensor) and a.requires_grad for a in args]
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda = any(d.type == "cuda" for d in ctx.devices)
+        ctx.cuda_rng = torch.cuda.get_rng_state() if ctx.cuda else None
+        ctx.saved = [
+            (_offload(a) if offload and a.is_cuda else a.detach()) if isinstance(a, torch.Tensor) else a for a in args
+        ]
+        with torch.no_grad():
+            out = run_fn(*args)
+        return out if isinstance(out, tuple) else (out,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs, devices = [], iter(ctx.devices)
+        for a, req in zip(ctx.saved, ctx.requires):
+            if isinstance(a, torch.Tensor):
+                a = a.to(next(devices), non_blocking=True).detach().requires_grad_(req)
+            inputs.append(a)
+        ctx.saved = None
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if ctx.cuda else []):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda:
+                torch.cuda.set_rng_state(ctx.cuda_rng)
+            with torch.enable_grad():
+                out = ctx.run_fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        in_grads = [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in inputs]
+        return None, None, None, *in_grads
+
+
+def checkpoint(run_fn, *args, offload: bool = False):
+    """``run_fn(*args)`` checkpointed (see the module docstring); returns what ``run_fn`` returns."""
+    returned_tuple = []
+
+    def run(*inputs):
+        out = run_fn(*inputs)
+        returned_tuple[:] = [isinstance(out, tuple)]
+        return out
+
+    dummy = torch.empty(0, requires_grad=True)
+    out = CheckpointFunction.apply(run, offload, dummy, *args)
+    return out if returned_tuple[0] else out[0]
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
+    """Checkpoint every decoder layer of ``model`` (transformers layers); returns how many."""
+    func = functools.partial(checkpoint, offload=offload)
+    count = 0
+    for module in model.modules():
+        if hasattr(type(module), "gradient_checkpointing") and type(module).__name__.endswith("DecoderLayer"):
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = func
+            count += 1
+    return count
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "_gradient_checkpointing_func", None) is not None and type(module).__name__.endswith("DecoderLayer"):
+            module.gradient_checkpointing = False

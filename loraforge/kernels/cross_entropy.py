@@ -1,0 +1,135 @@
+"""Chunked linear + cross-entropy for the output head (the idea of Liger's fused linear
+cross-entropy and of Unsloth's chunked loss), that never materialises ``[tokens, vocab]`` logits.
+
+For the trained positions only (label != ``ignore_index``; ignored positions cost nothing: they
+are dropped before the head matmul), in chunks of ``chunk_size`` tokens:
+
+    z = h W^T  (float32)        loss_t = logsumexp(z_t) - z_t[y_t]
+    dz = softmax(z) - onehot(y)        dh = dz W        dW += dz^T h     (dW only if W trains)
+
+The gradients are formed in the forward pass, chunk by chunk, scaled by ``1 / n_trained``
+(``reduction="mean"``, what ``F.cross_entropy`` does) or 1 (``"sum"``: a trainer that normalises
+by the trained tokens of all micro-batches divides itself); the backward only multiplies them by
+the incoming gradient. Peak extra memory is one ``[chunk, vocab]`` float32 block plus ``dh``
+(the size of ``h``). The per-row softmax / loss / gradient is one Triton kernel (two passes over
+the row: online max and sum of exponentials, then ``softmax - onehot`` written over the logits
+in place); the reference does the same with PyTorch ops. The head matmuls are cuBLAS / MKL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.errors import check_choice
+from loraforge.kernels.dispatch import use_triton
+from loraforge.kernels.jit import kernel
+
+try:
+    import triton.language as tl
+except ImportError:
+    tl = None
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk
+
+
+def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Full logits, then ``F.cross_entropy`` (what transformers does)."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
+
+
+@kernel(configs=[{"BLOCK": 4096, "num_warps": 8}, {"BLOCK": 8192, "num_warps": 16}, {"BLOCK": 2048, "num_warps": 4}],
+        key=["V"])
+def _ce_rows_kernel(z_ptr, stride, labels_ptr, loss_ptr, V, scale, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    label = tl.load(labels_ptr + row)
+    m = float("-inf")
+    s = 0.0
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    z_label = tl.load(base + label).to(tl.float32)
+    tl.store(loss_ptr + row, lse - z_label)
+    for v0 in range(0, V, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        mask = cols < V
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+        tl.store(base + cols, (grad * scale).to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_loss_and_grad(z: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-row loss; overwrites ``z`` (float32 ``[C, V]``) with ``scale * (softmax(z) - onehot)``."""
+    if use_triton(z):
+        loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+        _ce_rows_kernel[(z.shape[0],)](z, z.stride(0), labels, loss, z.shape[1], scale)
+        return loss
+    lse = torch.logsumexp(z, dim=1)
+    loss = lse - z.gather(1, labels[:, None]).squeeze(1)
+    z.sub_(lse[:, None]).exp_()
+    z[torch.arange(z.shape[0], device=z.device), labels] -= 1.0
+    z.mul_(scale)
+    return loss
+
+
+def default_chunk(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``loss(hidden [T, H], weight [V, H], labels [T])`` with chunk-wise gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, reduction: str, ignore_index: int, chunk: int):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        trained = (labels != ignore_index).nonzero().squeeze(1)
+        n = trained.numel()
+        scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = trained[start:start + chunk]
+            h = hidden.index_select(0, rows)
+            z = (h @ weight.t()).float()
+            total += _rows_loss_and_grad(z, labels.index_select(0, rows), scale).sum()
+            if want_h or want_w:
+                dz = z.to(hidden.dtype)
+                if want_h:
+                    grad_h.index_copy_(0, rows, dz @ weight.to(dz.dtype))
+                if want_w:
+                    grad_w.addmm_(dz.t().float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        if reduction == "mean":
+            return total / n if n else total / 0.0  # F.cross_entropy: nan when nothing is trained
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight^T`` against ``labels`` without full logits.
+
+    ``hidden [..., H]``, ``labels [...]`` (already shifted for causal LM), ``weight [V, H]``;
+    ``reduction`` is ``"mean"`` (over trained tokens) or ``"sum"``."""
+    check_choice(reduction, ("mean", "sum"), "reduction", where="linear_cross_entropy")
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk_size or default_chunk(weight.shape[0])
+    return LinearCrossEntropyFunction.apply(h2, weight, labels.reshape(-1).to(h2.device), reduction, ignore_index, chunk)
+

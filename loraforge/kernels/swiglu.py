@@ -1,0 +1,113 @@
+"""SwiGLU (Shazeer, 2020, arXiv:2002.05202), the Llama MLP's gate: ``h = silu(g) * u`` with
+``silu(g) = g * sigmoid(g)``. Backward, with ``s = sigmoid(g)`` (float32):
+
+    du = dh * silu(g)          dg = dh * u * s * (1 + g * (1 - s))
+
+Elementwise Triton kernels over ``[rows, I]`` with arbitrary row strides, so gate and up may be
+two column halves of one ``[rows, 2I]`` product. The backward can write ``dg`` / ``du`` into
+any buffers, including ``g`` / ``u`` themselves (the fused MLP does that: they are dead after).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraforge.kernels.dispatch import use_triton
+from loraforge.kernels.jit import kernel
+
+try:
+    import triton.language as tl
+except ImportError:
+    tl = None
+
+_CONFIGS = [{"BLOCK": 1024, "num_warps": 4}, {"BLOCK": 2048, "num_warps": 8}, {"BLOCK": 4096, "num_warps": 8}]
+
+
+def swiglu_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+def swiglu_backward_reference(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gf, uf, dhf = g.float(), u.float(), dh.float()
+    s = torch.sigmoid(gf)
+    return (dhf * uf * s * (1 + gf * (1 - s))).to(g.dtype), (dhf * gf * s).to(u.dtype)
+
+
+@kernel(configs=_CONFIGS, key=["I"])
+def _swiglu_fwd(g_ptr, u_ptr, h_ptr, I, stride_g, stride_u, stride_h, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (g * tl.sigmoid(g)).to(g_ptr.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+    tl.store(h_ptr + row * stride_h + cols, (silu * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel(configs=_CONFIGS, key=["I"])
+def _swiglu_bwd(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, I, stride_dh, stride_g, stride_u, stride_dg, stride_du,
+                BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    dh = tl.load(dh_ptr + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    du = dh * g * s
+    tl.store(dg_ptr + row * stride_dg + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + row * stride_du + cols, du.to(du_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, I]`` view with unit column stride (copying only if needed)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _grid(rows: int, I: int):
+    import triton
+
+    return lambda meta: (rows, triton.cdiv(I, meta["BLOCK"]))
+
+
+def swiglu_forward_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    g2, u2 = _rows(g), _rows(u)
+    rows, I = g2.shape
+    h = torch.empty(rows, I, dtype=g.dtype, device=g.device)
+    _swiglu_fwd[_grid(rows, I)](g2, u2, h, I, g2.stride(0), u2.stride(0), h.stride(0))
+    return h.view(*g.shape)
+
+
+def swiglu_backward_triton(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                           dg: torch.Tensor | None = None, du: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dg, du)``; pass ``dg`` / ``du`` (2-D, unit column stride; may alias ``g`` / ``u``) to write in place."""
+    dh2, g2, u2 = _rows(dh), _rows(g), _rows(u)
+    rows, I = g2.shape
+    dg = torch.empty(rows, I, dtype=g.dtype, device=g.device) if dg is None else dg
+    du = torch.empty(rows, I, dtype=u.dtype, device=u.device) if du is None else du
+    _swiglu_bwd[_grid(rows, I)](dh2, g2, u2, dg, du, I, dh2.stride(0), g2.stride(0), u2.stride(0),
+                                dg.stride(0), du.stride(0))
+    return dg, du
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u)
+        return swiglu_forward_triton(g, u)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        g, u = ctx.saved_tensors
+        dg, du = swiglu_backward_triton(dh, g, u)
+        return dg.view(g.shape), du.view(u.shape)
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u``: the Triton kernels where they run, else PyTorch."""
+    if use_triton(g):
+        return SwiGLUFunction.apply(g, u)
+    return swiglu_reference(g, u)
