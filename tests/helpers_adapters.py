@@ -12,6 +12,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_llama_config  # noqa: E402
 
+
 def quantize_nf4(model: nn.Module) -> nn.Module:
     """Every linear layer but lm_head as loraforge's 4-bit NF4 QuantLinear (double quant, fp32 compute)."""
     from loraforge.quant.replace import quantize_model

@@ -58,3 +58,25 @@ def reference_dequantize(codes, absmax, code, blocksize, shape, dtype):
     n = math.prod(shape)
     scales = absmax.float().repeat_interleave(blocksize)[:n]
     return (code.float()[codes.long()][:n] * scales).to(dtype).reshape(shape)
+
+
+def bnb_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantization as its portable PyTorch backend (and CUDA) computes it.
+
+    Its AVX-512 CPU kernel, which ``bitsandbytes.functional.dequantize_4bit`` picks on such
+    machines, indexes the block scales per row: when a row is a multiple of 16 elements but not of
+    the block size, blocks that straddle rows get the wrong scale. Compare with that kernel only
+    where rows align with blocks (:func:`rows_align`), and with this function everywhere.
+    """
+    F = bnb_functional()
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    code = F.get_4bit_type(state.quant_type, device="cpu")
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype)
+
+
+def rows_align(shape, blocksize: int) -> bool:
+    return shape[-1] % blocksize == 0

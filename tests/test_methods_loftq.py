@@ -24,10 +24,14 @@ from loraforge.quant.linear import QuantLinear
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _quiet_single_thread():
+    """Warnings off; one thread (matmuls and SVDs on 2 shared cores thrash with more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+    torch.set_num_threads(threads)
 
 
 # ----- an independent reference ------------------------------------------------------------------
@@ -127,8 +131,8 @@ def smollm_weights():
 def test_improves_on_real_smollm2_layers(smollm_weights, name):
     for key, w in smollm_weights.items():
         one = loftq_decompose(w, 16, 1.0, 1, quantizer(name))
-        five = loftq_decompose(w, 16, 1.0, 5, quantizer(name))
-        assert five.loftq_error <= one.loftq_error < one.plain_error, key
+        three = loftq_decompose(w, 16, 1.0, 3, quantizer(name))
+        assert three.loftq_error <= one.loftq_error < one.plain_error, key
         assert one.plain_error == pytest.approx(float(torch.linalg.matrix_norm(w - reference_quantize(w, name))), rel=1e-4)
 
 

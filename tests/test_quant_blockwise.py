@@ -10,7 +10,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers_quant import bnb_functional, eager_bnb, reference_dequantize, reference_quantize  # noqa: F401
+from helpers_quant import (  # noqa: F401
+    bnb_dequantize_4bit,
+    bnb_functional,
+    eager_bnb,
+    reference_dequantize,
+    reference_quantize,
+    rows_align,
+)
 from loraforge.errors import UserError
 from loraforge.quant.blockwise import (
     BLOCKSIZES,
@@ -76,9 +83,12 @@ def test_4bit_matches_bitsandbytes(seed, rows, cols, blocksize, dtype, quant_typ
         assert bytes_of(absmax) == bytes_of(state.absmax)
 
     ours = dequantize_blockwise(codes, absmax, code, blocksize, x.shape, dtype)
-    theirs = F.dequantize_4bit(ref_packed, state)
+    theirs = bnb_dequantize_4bit(ref_packed, state)
     assert ours.dtype == theirs.dtype == dtype
-    assert torch.equal(ours, theirs)  # numerically identical (FP4's code 8 is -0.0 in bnb's C++ path)
+    assert torch.equal(ours, theirs)
+    if rows_align(x.shape, blocksize) or cols % 16:
+        # bnb's C++ CPU kernel too (numerically identical: it returns -0.0 for FP4's code 8)
+        assert torch.equal(ours, F.dequantize_4bit(ref_packed, state))
 
 
 @FEW
@@ -131,6 +141,20 @@ def test_all_zero_blocks():
     assert zero_code(get_codebook("fp4")) == 0
     codes8, absmax8 = quantize_blockwise_8bit(torch.zeros(300), dynamic_map(), 256)
     assert not codes8.any() and not absmax8.any()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_exact_midpoints_round_to_the_lower_code_as_bitsandbytes(quant_type):
+    F = bnb_functional()
+    values = get_codebook(quant_type).sort().values
+    mids = (values[:-1] + values[1:]) / 2
+    x = torch.cat([torch.tensor([1.0]), mids, torch.nextafter(mids, torch.ones_like(mids))])
+    codes, _ = quantize_blockwise(x, get_codebook(quant_type), 32)
+    ref, _ = F.quantize_4bit(x, blocksize=32, quant_type=quant_type)
+    assert bytes_of(pack_4bit(codes, zero_code(get_codebook(quant_type)))) == bytes_of(ref)
+    order = get_codebook(quant_type).sort(stable=True).indices
+    assert codes[1:16].tolist() == order[:15].tolist()  # a tie takes the lower neighbour
+    assert codes[16:].tolist() == order[1:].tolist()  # one ulp above takes the upper one
 
 
 def test_fp4_sign_of_tiny_values_follows_bitsandbytes_cpu():

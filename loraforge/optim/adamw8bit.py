@@ -24,6 +24,12 @@ bitsandbytes' 32-bit rule, the same update written as
 The order of the decay follows bitsandbytes' CPU, Triton and default backends (and torch's AdamW):
 shrink, then step. Its CUDA kernel shrinks after the step, a difference of a factor ``1 - a wd``
 on the step itself (relative 1e-6 at a = 1e-4, wd = 0.01).
+
+``quant`` takes the nearest code (ties to the lower), as bitsandbytes' CUDA kernel does with its
+binary search; its CPU kernel goes through a 65536-entry table over [-1, 1] instead, which cannot
+resolve the finest codes near zero (it never stores a nonzero second moment below 2.1e-5 of its
+block's absmax, where the nearest code may be 0). Parameters and absmax match bitsandbytes
+bit for bit from the same state; codes are equal or adjacent wherever that table resolves them.
 """
 
 from __future__ import annotations
@@ -109,7 +115,7 @@ class AdamW8bit(torch.optim.Optimizer):
             "absmax2": torch.zeros(blocks, dtype=torch.float32, **make),
         }
 
-    def _codebooks(self, device: torch.device) -> tuple[CodeTable, CodeTable]:
+    def _tables(self, device: torch.device) -> tuple[CodeTable, CodeTable]:
         """Lookup tables of the signed (first moment) and unsigned (second moment) dynamic maps."""
         if device not in self._maps:
             self._maps[device] = (CodeTable(dynamic_map(signed=True), device), CodeTable(dynamic_map(signed=False), device))
@@ -192,7 +198,7 @@ class AdamW8bit(torch.optim.Optimizer):
         """Concatenate the tensors of ``pack``, update them as one, copy the results back."""
         beta1, beta2 = group["betas"]
         rule = _Rule(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
-        signed, unsigned = self._codebooks(device)
+        signed, unsigned = self._tables(device)
         flat = lambda tensors: torch.cat([t.reshape(-1) for t in tensors])
         params = [p for p, _ in pack]
         fields = {key: [state[key] for _, state in pack] for key in ("state1", "state2", "absmax1", "absmax2")}
@@ -223,7 +229,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if flat["state1"].dtype == torch.float32:
             rule.step_32bit(weight, grad, flat["state1"], flat["state2"])
         else:
-            signed, unsigned = self._codebooks(p.device)
+            signed, unsigned = self._tables(p.device)
             n = weight.numel()
             for start in range(0, n, self.chunk_elements):
                 end = min(start + self.chunk_elements, n)

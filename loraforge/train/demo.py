@@ -3,12 +3,17 @@
 ``loraforge/data/demo/`` ships ``demo.yaml`` (the config), ``identity.jsonl`` (100 short
 conversations: who it is, who made it, plus a few ordinary questions so it stays itself) and
 ``heldout.jsonl`` (12 paraphrases never trained on, each with the keyword(s) a correct answer
-contains). The held-out questions are answered greedily before training (adapter disabled: the
-base model) and after it, and both are printed with a success count.
+contains). The held-out questions are answered greedily before training and after it, and both
+are printed with a success count.
+
+Generation runs with the adapter merged (``AdapterModel.merge``: each 4-bit layer becomes a dense
+layer holding W + s B A, restored exactly by ``unmerge``), because a 4-bit layer dequantizes its
+whole weight at every decoding step. Before training B = 0, so the merged model is the base model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -38,20 +43,27 @@ def heldout_rows(path: Path = HELDOUT) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def render(messages: list[dict], tokenizer, template: str) -> list[int]:
-    """Prompt token ids ending with the assistant header, via the data pipeline's renderer."""
+@contextlib.contextmanager
+def merged(model):
+    """The adapter folded into dense weights for the duration of the block."""
+    model.merge()
+    try:
+        yield model
+    finally:
+        model.unmerge()
+
+
+def encode(messages: list[dict], tokenizer, template: str) -> list[int]:
+    """Prompt token ids ending with the assistant header, encoded exactly as in training."""
     from loraforge import data
 
-    prompt = data.render_prompt(messages, tokenizer, template)
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return list(prompt)
+    return data.encode_prompt(messages, tokenizer, template)
 
 
 @torch.no_grad()
-def answer(model, tokenizer, rows: list[dict], template: str = "auto", max_new_tokens: int = 24) -> list[str]:
+def answer(model, tokenizer, rows: list[dict], template: str = "auto", max_new_tokens: int = 16) -> list[str]:
     """Greedy answers to every row's ``messages``, in one left-padded batch."""
-    prompts = [render(r["messages"], tokenizer, template) for r in rows]
+    prompts = [encode(r["messages"], tokenizer, template) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -96,12 +108,13 @@ def run_demo(overrides: list[str] = (), console: Console | None = None) -> int:
     scores = {}
 
     def before(adapter_model, tokenizer):
-        with adapter_model.disable_adapter():
+        with merged(adapter_model):
             answers = answer(adapter_model, tokenizer, rows, template)
         scores["before"] = show(console, "before training (base model)", rows, answers)
 
     result = train(config, on_start=before, console=console)
-    answers = answer(result.model, result.tokenizer, rows, template)
+    with merged(result.model):
+        answers = answer(result.model, result.tokenizer, rows, template)
     scores["after"] = show(console, "after training", rows, answers)
     console.print(
         f"[bold]demo[/]: held-out {scores['before']}/{len(rows)} before -> {scores['after']}/{len(rows)} after, "
