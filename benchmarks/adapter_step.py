@@ -21,9 +21,13 @@ run) so that memory figures do not bleed between arms. Memory columns:
              (activations, gradients, optimizer states, temporaries).
 ``loss`` is the first step's loss: with B = 0 at init every arm starts from its base model's
 loss, so the fp32 arms agree with each other, and so do the two NF4 arms when both quantize alike.
-The machine's 2 cores are shared with other work; compare arms within one run only.
+The machine's 2 cores are shared with other work, so arms run one after another see different
+loads. ``--interleave`` builds every arm in one process and takes one step of each in turn
+(rotating the order each round): every arm sees the same load, so its tokens/s are the fair
+comparison (no memory figures in that mode).
 
-    .venv/bin/python benchmarks/adapter_step.py [--steps 4] [--methods lora,dora] [--arms ...]
+    .venv/bin/python benchmarks/adapter_step.py [--steps 4] [--methods lora,dora] [--arms ...] [--threads N]
+    .venv/bin/python benchmarks/adapter_step.py --interleave [--steps 4] [--threads N]
 """
 
 from __future__ import annotations
@@ -82,10 +86,30 @@ def to_bnb_nf4(model):
     return model
 
 
-def run_arm(arm: str, method: str, steps: int, warmup: int, batch: int, seq: int, r: int, alpha: int) -> dict:
+def run_arm(arm: str, method: str, steps: int, warmup: int, batch: int, seq: int, r: int, alpha: int,
+            threads: int) -> dict:
     import torch
 
-    model = load_base()
+    if threads:
+        torch.set_num_threads(threads)
+    model = build(arm, method, load_base(), r, alpha)
+    optimizer, data = training_state(model, batch, seq)
+    rss_before = rss_mib()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        seconds, loss = train_step(model, optimizer, data[i % len(data)])
+        times.append(seconds)
+        losses.append(loss)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    step = statistics.median(times[warmup:])
+    return dict(arm=arm, method=method, tok_s=batch * seq / step, step_s=step, peak_rss=peak,
+                step_rss=peak - rss_before, loss=losses[0], trainable=sum(p.numel() for p in optimizer_params(optimizer)))
+
+
+def build(arm: str, method: str, model, r: int, alpha: int):
+    """``model`` with the arm's adapters (and 4-bit layers), in training mode."""
+    import torch
+
     dora = method == "dora"
     if arm in ("peft", "peft+bnb"):
         from peft import LoraConfig, get_peft_model
@@ -102,26 +126,62 @@ def run_arm(arm: str, method: str, steps: int, warmup: int, batch: int, seq: int
 
             quantize_model(model, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=torch.float32)
         model = attach(model, LoraConfig(r=r, alpha=alpha, dropout=0.0, targets="all-linear", use_dora=dora))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    return model.train()
+
+
+def optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def training_state(model, batch: int, seq: int):
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     data = [torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen) for _ in range(4)]
-    rss_before = rss_mib()
-    times, losses = [], []
+    return optimizer, data
+
+
+def train_step(model, optimizer, x) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start, loss.item()
+
+
+def run_interleaved(arms: list[str], methods: list[str], steps: int, warmup: int, batch: int, seq: int, r: int,
+                    alpha: int, threads: int) -> list[dict]:
+    """All arms in one process, one step of each in turn (rotating the order every round), so
+    that every arm sees the same load on a shared machine. Timing only (memory is shared)."""
+    import copy
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = load_base()
+    runs = []
+    for method in methods:
+        for arm in arms:
+            model = build(arm, method, copy.deepcopy(base), r, alpha)
+            runs.append(dict(arm=arm, method=method, model=model, state=training_state(model, batch, seq),
+                             times=[], losses=[]))
+    del base
     for i in range(warmup + steps):
-        x = data[i % len(data)]
-        start = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step = statistics.median(times[warmup:])
-    return dict(arm=arm, method=method, tok_s=batch * seq / step, step_s=step, peak_rss=peak,
-                step_rss=peak - rss_before, loss=losses[0], trainable=sum(p.numel() for p in params))
+        order = runs[i % len(runs):] + runs[: i % len(runs)]
+        for run in order:
+            optimizer, data = run["state"]
+            seconds, loss = train_step(run["model"], optimizer, data[i % len(data)])
+            run["times"].append(seconds)
+            run["losses"].append(loss)
+    rows = []
+    for run in runs:
+        step = statistics.median(run["times"][warmup:])
+        rows.append(dict(arm=run["arm"], method=run["method"], tok_s=batch * seq / step, step_s=step,
+                         loss=run["losses"][0], trainable=sum(p.numel() for p in optimizer_params(run["state"][0]))))
+    return rows
 
 
 def main() -> int:
@@ -132,17 +192,27 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default)")
     parser.add_argument("--methods", default="lora,dora")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--interleave", action="store_true",
+                        help="all arms in one process, steps taken in turn (fair timing on a shared machine; no memory)")
     parser.add_argument("--one", nargs=2, metavar=("ARM", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=args.seq, r=args.r, alpha=args.alpha)
+    shape = dict(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=args.seq, r=args.r, alpha=args.alpha,
+                 threads=args.threads)
     if args.one:
         print("RESULT " + json.dumps(run_arm(args.one[0], args.one[1], **shape)))
         return 0
 
+    if args.interleave:
+        rows = run_interleaved(args.arms.split(","), args.methods.split(","), **shape)
+        print(f"interleaved: all arms in one process, one step each in turn; {args.threads or 'default'} torch threads")
+        print_table(rows, args.arms.split(","), memory=False)
+        return 0
     print(f"SmolLM2-135M-Instruct, CPU, batch {args.batch} x {args.seq}, r={args.r} alpha={args.alpha}, all linear, "
-          f"AdamW, median of {args.steps} steps after {args.warmup} warm-up; one process per arm")
+          f"AdamW, median of {args.steps} steps after {args.warmup} warm-up; one process per arm, "
+          f"{args.threads or 'default'} torch threads")
     rows = []
     for method in args.methods.split(","):
         for arm in args.arms.split(","):
@@ -157,18 +227,27 @@ def main() -> int:
             row = rows[-1]
             print(f"  {method:5s} {arm:10s} done: {row['tok_s']:.1f} tok/s", flush=True)
 
+    print_table(rows, args.arms.split(","), memory=True)
+    return 0
+
+
+def print_table(rows: list[dict], arms: list[str], memory: bool) -> None:
     print()
-    print("| method | arm | tokens/s | step s | peak RSS MiB | step RSS MiB | first loss | trainable |")
-    print("|---|---|---|---|---|---|---|---|")
+    if memory:
+        print("| method | arm | tokens/s | step s | peak RSS MiB | step RSS MiB | first loss | trainable |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print("| method | arm | tokens/s | step s | first loss | trainable |")
+        print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['method']} | {row['arm']} | {row['tok_s']:.1f} | {row['step_s']:.2f} | {row['peak_rss']:.0f} "
-              f"| {row['step_rss']:.0f} | {row['loss']:.4f} | {row['trainable']:,d} |")
+        mem = f"| {row['peak_rss']:.0f} | {row['step_rss']:.0f} " if memory else ""
+        print(f"| {row['method']} | {row['arm']} | {row['tok_s']:.1f} | {row['step_s']:.2f} {mem}"
+              f"| {row['loss']:.4f} | {row['trainable']:,d} |")
     by = {(r_["method"], r_["arm"]): r_ for r_ in rows}
-    for arm in args.arms.split(","):
+    for arm in arms:
         if ("lora", arm) in by and ("dora", arm) in by:
             ratio = by[("dora", arm)]["step_s"] / by[("lora", arm)]["step_s"]
             print(f"DoRA / LoRA step time, {arm}: {ratio:.2f}x")
-    return 0
 
 
 if __name__ == "__main__":

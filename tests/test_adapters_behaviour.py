@@ -243,6 +243,20 @@ def test_dropout_in_training_matches_peft(use_dora, tmp_path):
             torch.testing.assert_close(ours_params[peft_key(name)].grad, p.grad, atol=1e-5, rtol=1e-4)
 
 
+def test_dora_eval_cache_follows_parameter_updates():
+    x = ids()
+    am = attach(tiny_model(0), LoraConfig(r=4, use_dora=True, targets=["q_proj", "down_proj"]))
+    assert not am.model.model.layers[0].self_attn.q_proj.training  # follows the eval-mode model
+    randomize([p for _, p in am.trainable_parameters()], seed=9)
+    with torch.no_grad():
+        am(input_ids=x)  # fills the eval cache of the norms
+        randomize([p for _, p in am.trainable_parameters()], seed=10)
+        updated = am(input_ids=x).logits
+        am.train()
+        recomputed = am(input_ids=x).logits  # training mode never uses the cache
+    torch.testing.assert_close(updated, recomputed, **TOL)
+
+
 def test_inits():
     am = attach(tiny_model(0), LoraConfig(r=4, init="default", targets=["down_proj"]))
     layer = am.model.model.layers[0].mlp.down_proj

@@ -10,6 +10,7 @@ for NF4 and FP4, with and without double quantization, and for every supported a
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -28,7 +29,7 @@ WIDE = dict(intermediate_size=128)
 COMBOS = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
 
 
-def bnb_config(quant_type: str, double_quant: bool):
+def bnb_config(quant_type: str, double_quant: bool, storage=torch.uint8):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -36,6 +37,7 @@ def bnb_config(quant_type: str, double_quant: bool):
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -94,12 +96,17 @@ def test_quantize_command_output_loads_in_bitsandbytes(tmp_path, tiny_llama, cap
     assert tokenizer.chat_template is not None
 
 
-@pytest.mark.parametrize("quant_type,double_quant", COMBOS)
-def test_bitsandbytes_checkpoint_loads_in_loraforge(tmp_path, tiny_llama, quant_type, double_quant):
+@pytest.mark.parametrize(
+    "quant_type,double_quant,storage",
+    [(*c, torch.uint8) for c in COMBOS] + [("nf4", True, torch.bfloat16)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_bitsandbytes_checkpoint_loads_in_loraforge(tmp_path, tiny_llama, quant_type, double_quant, storage):
     from loraforge.quant.linear import QuantLinear
 
     folder = save_folder(tiny_llama(tie_word_embeddings=quant_type == "fp4", **WIDE), tmp_path / "fp32")
-    theirs = load_with_bitsandbytes(folder, quantization_config=bnb_config(quant_type, double_quant))
+    config = bnb_config(quant_type, double_quant, storage)
+    theirs = load_with_bitsandbytes(folder, quantization_config=config)
     saved = tmp_path / "bnb"
     theirs.save_pretrained(saved)
     tiny_tokenizer().save_pretrained(saved)
@@ -142,13 +149,31 @@ def test_supported_architectures(tmp_path, model_type, capsys):
     assert (logits(ours, ids) - full).norm() < 0.2 * full.norm()  # 4-bit, yet the same model
 
 
-def test_smollm2_checkpoint_loads_in_bitsandbytes(tmp_path, monkeypatch, smollm2_gguf):
+@pytest.mark.slow
+def test_smollm2_layers_round_trip_through_bitsandbytes(tmp_path, smollm2_gguf):
+    """The real SmolLM2 weights and tokenizer (its first 2 of 30 layers, to keep the test cheap:
+    quantizing and running all 30 on 2 shared CPU cores takes minutes)."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.quant.replace import quantize_model
+
     loads = smollm2_loads()
-    monkeypatch.setenv("LORAFORGE_CACHE", str(loads["cache"]))
-    ours, tokenizer = load_model("smollm2-135m-instruct", quantize="nf4")
-    out = save_quantized(ours, tokenizer, tmp_path / "smollm2-nf4")
+    config = copy.deepcopy(loads["warm"].config)
+    config.num_hidden_layers = 2
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loads["warm"].state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb = loads["warm"].model.rotary_emb
+    model.eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_model(model, quant_type="nf4")
+    out = save_quantized(model, loads["tokenizer"], tmp_path / "smollm2-nf4")
     theirs = load_with_bitsandbytes(out)
+    ours, tokenizer = load_model(out)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits(theirs, ids), logits(model, ids), atol=1e-4, rtol=0)
+    assert torch.equal(logits(ours, ids), logits(model, ids))
     on_disk = (out / "model.safetensors").stat().st_size
     assert abs(on_disk - memory_stats(ours).bytes) < 0.01 * on_disk  # describe_memory's accounting

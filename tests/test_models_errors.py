@@ -88,7 +88,7 @@ def test_corrupt_gguf(tmp_path, capsys):
 def test_truncated_real_gguf(tmp_path, smollm2_gguf):
     part = tmp_path / "half.gguf"
     with open(smollm2_gguf, "rb") as f:
-        part.write_bytes(f.read(40_000_000))
+        part.write_bytes(f.read(1_000_000))  # cut inside the metadata (tokenizer vocabulary)
     with pytest.raises(UserError, match="truncated or corrupt GGUF file") as err:
         load_model(part)
     assert err.value.where == str(part)
@@ -103,6 +103,22 @@ def test_unsupported_architecture(tmp_path, capsys):
     line = run_cli(capsys, "quantize", str(folder), "--out", str(tmp_path / "out"))
     assert "unsupported architecture 'gpt2'" in line and str(folder / "config.json") in line
     assert "llama" in line and "qwen2" in line and "mistral" in line
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "bert.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="bert")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UserError, match="unsupported GGUF architecture 'bert'") as err:
+        load_model(path)
+    assert err.value.where == str(path) and "llama" in str(err.value)
 
 
 def test_unknown_quant_type(tmp_path, capsys, tiny_llama):

@@ -22,6 +22,7 @@ from loraforge.errors import UserError
 from loraforge.quant.blockwise import (
     BLOCKSIZES,
     dequantize_blockwise,
+    dequantize_packed_4bit,
     pack_2bit,
     pack_4bit,
     quantize_blockwise,
@@ -87,8 +88,9 @@ def test_4bit_matches_bitsandbytes(seed, rows, cols, blocksize, dtype, quant_typ
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
     if rows_align(x.shape, blocksize) or cols % 16:
-        # bnb's C++ CPU kernel too (numerically identical: it returns -0.0 for FP4's code 8)
-        assert torch.equal(ours, F.dequantize_4bit(ref_packed, state))
+        # bnb's C++ CPU kernel too (numerically identical: it returns -0.0 for FP4's code 8;
+        # for a single row it may hand back the transposed shape, hence the reshape)
+        assert torch.equal(ours, F.dequantize_4bit(ref_packed, state).reshape(x.shape))
 
 
 @FEW
@@ -141,6 +143,11 @@ def test_all_zero_blocks():
     assert zero_code(get_codebook("fp4")) == 0
     codes8, absmax8 = quantize_blockwise_8bit(torch.zeros(300), dynamic_map(), 256)
     assert not codes8.any() and not absmax8.any()
+    # tiny values in a non-zero block: bnb's 65536-entry table sends them to 2.125e-5 (code 131)
+    x = torch.tensor([1.0, 0.0, -1e-9, 3.1e-5])
+    codes8, _ = quantize_blockwise_8bit(x, dynamic_map(), 64)
+    ref, _ = bnb_functional().quantize_blockwise(x, code=dynamic_map(), blocksize=64)
+    assert codes8.tolist() == ref.tolist() == [255, 131, 131, 132]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -173,6 +180,12 @@ def test_pack_4bit_layout_and_round_trip():
         packed = pack_4bit(codes)
         assert packed.numel() == (n + 1) // 2
         assert torch.equal(unpack_4bit(packed, n), codes)
+        absmax = torch.rand((n + 31) // 32)
+        for dtype in DTYPES:
+            assert torch.equal(
+                dequantize_packed_4bit(packed, absmax, get_codebook("fp4"), 32, (n,), dtype),
+                dequantize_blockwise(codes, absmax, get_codebook("fp4"), 32, (n,), dtype),
+            )
 
 
 def test_pack_2bit_layout_and_round_trip():

@@ -77,19 +77,31 @@ def base_row_norms_sq(layer: LoraLayer) -> torch.Tensor:
 
 @torch.no_grad()
 def weight_norm(layer: LoraLayer, name: str) -> torch.Tensor:
-    """``||W + s B A||`` per output row (float32, no gradient), without forming ``W + s B A``."""
-    a = layer.lora_A[name].weight.float()  # [r, in]
-    b = layer.lora_B[name].weight.float()  # [out, r]
+    """``||W + s B A||`` per output row (float32, no gradient), without forming ``W + s B A``.
+
+    In eval mode the result is cached (keyed by the versions of A, B, s and the base) so that
+    generation pays for it once; a forward in training mode drops the cache and always
+    recomputes, since optimizers may update parameters through ``.data`` without a version bump.
+    """
+    a_param, b_param = layer.lora_A[name].weight, layer.lora_B[name].weight
     s = layer.scaling[name]
-    base = layer.base_layer
-    w_at = base(a.to(_base_dtype(layer))).float()  # [r, out] = A W^T + bias
+    key = (a_param.data_ptr(), a_param._version, b_param.data_ptr(), b_param._version, s, _base_version(layer))
+    cached = layer._dora_cache.pop(f"norm:{name}", None)
+    if cached is not None and cached[0] == key and not layer.training:
+        layer._dora_cache[f"norm:{name}"] = cached
+        return cached[1]
+    a, b = a_param.float(), b_param.float()  # [r, in], [out, r]
+    w_at = layer.base_layer(a.to(_base_dtype(layer))).float()  # [r, out] = A W^T + bias
     bias = layer.base_bias()
     if bias is not None:
         w_at = w_at - bias.float()
     cross = (b * w_at.t()).sum(1)
     lora_sq = ((b @ (a @ a.t())) * b).sum(1)
     norm_sq = base_row_norms_sq(layer).to(b.device) + 2.0 * s * cross + (s * s) * lora_sq
-    return norm_sq.clamp_min(0).sqrt()
+    norm = norm_sq.clamp_min(0).sqrt()
+    if not layer.training:
+        layer._dora_cache[f"norm:{name}"] = (key, norm)
+    return norm
 
 
 def init_magnitude(layer: LoraLayer, name: str) -> None:

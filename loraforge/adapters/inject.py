@@ -150,13 +150,13 @@ def inject(model: nn.Module, config: AdapterConfig, name: str, method: Method) -
     shared = method.make_shared(config, bases) if method.make_shared else None
     for key, module in modules.items():
         if not isinstance(module, AdapterLayer):
-            module = method.layer_cls(module)
+            module = method.layer_cls(module).train(module.training)
             _set_submodule(model, key, module)
         module.add(name, config, key, shared)
     for key in _modules_to_save_keys(model, config):
         wrapper = model.get_submodule(key)
         if not isinstance(wrapper, ModulesToSave):
-            wrapper = ModulesToSave(wrapper)
+            wrapper = ModulesToSave(wrapper).train(wrapper.training)
             _set_submodule(model, key, wrapper)
         wrapper.add(name)
     return targets, shared

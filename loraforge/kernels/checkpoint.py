@@ -3,7 +3,7 @@ with optional offload of the saved layer inputs to pinned CPU memory.
 
 Forward runs each decoder layer without recording a graph and keeps only its input hidden
 state (``[B, S, H]``); backward brings that input back, re-runs the layer with grad enabled
-(restoring the RNG state, so dropout repeats) and back-propagates through it. Memory for
+(restoring the RNG state, so dropout repeats) and back-propagates through it (only the re-run's graph is used, never its output values). Memory for
 activations is one hidden state per layer plus one layer's full activations at a time. With
 ``offload=True`` the saved input of a CUDA layer is copied to pinned host memory (asynchronous
 copy on the current stream) and copied back in backward: the GPU then keeps no per-layer
@@ -22,10 +22,32 @@ checkpoint does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 from torch import nn
+
+_STATE = threading.local()
+
+
+def in_recompute() -> bool:
+    """True while :class:`CheckpointFunction` re-runs a layer in backward. Only the graph of that
+    re-run matters, not the value of the layer's output; the fused MLP uses this to skip the base
+    ``down_proj`` matmul, whose result a Llama decoder layer only adds to its output (see
+    :mod:`loraforge.kernels.lora_mlp`)."""
+    return getattr(_STATE, "recompute", False)
+
+
+@contextlib.contextmanager
+def _recomputing():
+    before = in_recompute()
+    _STATE.recompute = True
+    try:
+        yield
+    finally:
+        _STATE.recompute = before
 
 
 def _offload(t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +84,7 @@ class CheckpointFunction(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda:
                 torch.cuda.set_rng_state(ctx.cuda_rng)
-            with torch.enable_grad():
+            with torch.enable_grad(), _recomputing():
                 out = ctx.run_fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
@@ -86,19 +108,25 @@ def checkpoint(run_fn, *args, offload: bool = False):
     return out if returned_tuple[0] else out[0]
 
 
-def enable_checkpointing(model: nn.Module, offload: bool = False) -> int:
-    """Checkpoint every decoder layer of ``model`` (transformers layers); returns how many."""
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if hasattr(type(m), "gradient_checkpointing") and type(m).__name__.endswith("DecoderLayer")]
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False, skip_last: bool = True) -> int:
+    """Checkpoint the decoder layers of ``model`` (transformers layers); returns how many.
+
+    ``skip_last``: the last layer is not checkpointed. Its re-run would start right after its
+    forward, at the beginning of backward, so checkpointing it saves no peak memory and costs
+    one layer's forward."""
     func = functools.partial(checkpoint, offload=offload)
-    count = 0
-    for module in model.modules():
-        if hasattr(type(module), "gradient_checkpointing") and type(module).__name__.endswith("DecoderLayer"):
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = func
-            count += 1
-    return count
+    layers = _decoder_layers(model)
+    for module in layers[:-1] if skip_last else layers:
+        module.gradient_checkpointing = True
+        module._gradient_checkpointing_func = func
+    return len(layers) - 1 if skip_last and layers else len(layers)
 
 
 def disable_checkpointing(model: nn.Module) -> None:
-    for module in model.modules():
-        if getattr(module, "_gradient_checkpointing_func", None) is not None and type(module).__name__.endswith("DecoderLayer"):
-            module.gradient_checkpointing = False
+    for module in _decoder_layers(model):
+        module.gradient_checkpointing = False

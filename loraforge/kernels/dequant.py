@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from loraforge.errors import UserError
 from loraforge.kernels.dispatch import use_triton
@@ -99,14 +100,26 @@ def block_scales_reference(w: Packed4bit) -> torch.Tensor:
     return w.nested_code.float()[w.absmax.long()] * nested + w.offset.float()
 
 
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """``[256, 2]``: byte ``b`` -> ``(code[b >> 4], code[b & 15])`` (high nibble first)."""
+    code = code.float()
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
 def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain PyTorch: unpack, look up, scale in float32, cast once."""
+    """Plain PyTorch (the CPU path): one lookup per byte in a 256-entry table of code pairs, the
+    block scales broadcast over ``[nblocks, blocksize]`` in place, one cast."""
     w.check()
     n = w.numel
-    flat = w.packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n]
-    scales = block_scales_reference(w).repeat_interleave(w.blocksize)[:n]
-    return (w.code.float()[codes.long()] * scales).to(dtype).view(w.shape)
+    nbytes = (n + 1) // 2
+    values = F.embedding(w.packed.reshape(-1)[:nbytes].int(), _pair_table(w.code).to(w.packed.device))
+    values = values.view(-1)[:n]
+    scales = block_scales_reference(w)
+    full = n - n % w.blocksize
+    values[:full].view(-1, w.blocksize).mul_(scales[: full // w.blocksize, None])
+    if full < n:
+        values[full:].mul_(scales[full // w.blocksize])
+    return values.to(dtype).view(w.shape)
 
 
 @kernel(

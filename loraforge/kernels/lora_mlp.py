@@ -11,6 +11,13 @@ and ``u`` in backward (one elementwise pass) instead of being stored. Backward (
     dg, du = swiglu'(dh, g, u)        (written over g and u, which are dead by then)
     dx = dg Wg + du Wu + [sg dg Bg, su du Bu] [Ag; Au]        and dA, dB of gate and up likewise
 
+Inside a checkpointed layer's re-run in backward (:func:`loraforge.kernels.checkpoint.in_recompute`)
+the base ``h Wd^T`` is skipped (a quarter of a Llama layer's matmul work in that pass): a Llama
+decoder layer only adds the MLP output to its residual, so the backward needs the re-run's graph
+and saved tensors but never the value of ``y``; the output is then a zero-filled placeholder
+(``skip_output``). Only :func:`fused_mlp_forward` on Llama-family layers (what ``apply_kernels``
+patches) turns this on.
+
 Base weights are dense or quantized (dequantized into a reused buffer before each matmul). The
 elementwise SwiGLU runs in Triton where :func:`~loraforge.kernels.dispatch.use_triton` says so.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from loraforge.kernels.checkpoint import in_recompute
 from loraforge.kernels.dispatch import use_triton
 from loraforge.kernels.lora_linear import LoraSpec, lora_spec, lora_tensors, project, project_backward
 from loraforge.kernels.swiglu import (
@@ -38,12 +46,16 @@ class LoRAMLPFunction(torch.autograd.Function):
     (gate's and up's first, then down's, in :func:`lora_tensors` order)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, specs: list[LoraSpec], *params: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, specs: list[LoraSpec], skip_output: bool, *params: torch.Tensor):
         gate, up, down = specs
         x2 = x.reshape(-1, x.shape[-1])
         (g, u), xa = project(x2, [gate, up])
         h = _swiglu(g, u)
-        (y,), ha = project(h, [down])
+        if skip_output:
+            ha = h @ down.A.to(h.dtype).t() if down.A is not None else None
+            y = x2.new_zeros(1).expand(x2.shape[0], down.out_features)
+        else:
+            (y,), ha = project(h, [down])
         ctx.save_for_backward(x2, g, u, xa, ha)
         ctx.specs, ctx.shape = specs, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -62,7 +74,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dg, du = swiglu_backward_reference(dh, g, u)
         del dh
         dx, grads_gu = project_backward([dg, du], x2, xa, [gate, up], need_dx=ctx.needs_input_grad[0])
-        return (None if dx is None else dx.view(ctx.shape)), None, *grads_gu, *grads_down
+        return (None if dx is None else dx.view(ctx.shape)), None, None, *grads_gu, *grads_down
 
 
 def mlp_specs(mlp) -> tuple[list[LoraSpec] | None, str]:
@@ -82,8 +94,10 @@ def mlp_specs(mlp) -> tuple[list[LoraSpec] | None, str]:
     return specs, ""
 
 
-def fused_mlp(x: torch.Tensor, specs: list[LoraSpec]) -> torch.Tensor:
-    return LoRAMLPFunction.apply(x, specs, *lora_tensors(specs))
+def fused_mlp(x: torch.Tensor, specs: list[LoraSpec], skip_output: bool = False) -> torch.Tensor:
+    """The fused MLP; ``skip_output=True`` returns a zero placeholder instead of ``y`` (the
+    gradients stay exact; only for a re-run whose output value is unused)."""
+    return LoRAMLPFunction.apply(x, specs, skip_output, *lora_tensors(specs))
 
 
 def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,4 +105,4 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     specs, _ = mlp_specs(self)
     if specs is None:  # the adapters changed since patching: the module's own path
         return type(self).forward(self, x)
-    return fused_mlp(x, specs)
+    return fused_mlp(x, specs, skip_output=in_recompute())

@@ -35,7 +35,6 @@ from loraforge.models.resolve import read_config_json
 from loraforge.models.validate import check_architecture, check_safetensors
 
 _QUANT_STATE = re.compile(r"^(?P<module>.+)\.weight\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
-BNB_QUANT_TYPES = ("nf4", "fp4")
 
 
 def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
@@ -54,12 +53,6 @@ def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
     raw = read_config_json(folder)
     check_architecture(raw["model_type"], where=str(config_file))
     qconfig = raw["quantization_config"]
-    storage = qconfig.get("bnb_4bit_quant_storage", "uint8")
-    if storage != "uint8":
-        raise UserError(
-            f"bnb_4bit_quant_storage {storage!r} is not supported; expected 'uint8' (the default)",
-            where=str(config_file),
-        )
     matmul_dtype = compute_dtype or getattr(torch, qconfig.get("bnb_4bit_compute_dtype") or "float32")
     tensors = _read_tensors(weight_files(folder), check_safetensors)
     tokenizer = load_tokenizer(folder)
@@ -80,7 +73,9 @@ def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
     for name in quantized:
         linear = _submodule(model, name)
         if not isinstance(linear, nn.Linear):
-            raise UserError(f"{name!r} is stored 4-bit but is not a linear layer of {type(model).__name__}", where=str(folder))
+            raise UserError(
+                f"{name!r} is stored 4-bit but is not a linear layer of {type(model).__name__}", where=str(folder)
+            )
         prefix = f"{name}."
         state = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = state.pop(f"{prefix}bias", None)
@@ -116,10 +111,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrit
         raise UserError("the model has no 4-bit layers; quantize it first (load_model(..., quantize='nf4'))")
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        check_bnb_type(layer.quant_type)
-        tensors.update(to_bnb_state_dict(layer, f"{name}."))
-    double_quant = {n: any(k.startswith(f"{n}.weight.nested_absmax") for k in tensors) for n in layers}
-    kinds = {(layer.quant_type, double_quant[name]) for name, layer in layers.items()}
+        tensors.update(to_bnb_state_dict(layer, f"{name}."))  # UserError unless nf4 / fp4
+    kinds = {(layer.quant_type, layer.double_quant) for layer in layers.values()}
     if len(kinds) > 1:
         raise UserError(
             f"the 4-bit layers mix quantization settings {sorted(kinds)}; a bitsandbytes checkpoint has one "
@@ -165,20 +158,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrit
     return out
 
 
-def check_bnb_type(quant_type: str) -> str:
-    if quant_type not in BNB_QUANT_TYPES:
-        raise UserError(
-            f"quantization type {quant_type!r} has no bitsandbytes format; expected one of {', '.join(BNB_QUANT_TYPES)}"
-        )
-    return quant_type
-
-
 def _skip_modules(model: nn.Module, quantized: dict[str, nn.Module]) -> list[str] | None:
     """``llm_int8_skip_modules``: None when only the output layer stays full precision."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_names = {n for n, m in model.named_modules() if output is not None and m is output}
     if output_names & set(quantized):
-        raise UserError("the output layer is quantized; transformers keeps it in full precision, so it must stay unquantized")
+        raise UserError(
+            "the output layer is quantized; transformers keeps it in full precision, so it must stay unquantized"
+        )
     full = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return None if full == output_names else sorted(full | output_names)
 

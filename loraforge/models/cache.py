@@ -50,7 +50,10 @@ def file_digest(path: Path) -> str:
     digest = h.hexdigest()
     memo = {k: v for k, v in memo.items() if not k.startswith(f"{path.resolve()}|")}
     memo[index] = digest
-    _write_json_atomic(memo_file, memo)
+    try:
+        _write_json_atomic(memo_file, memo)
+    except OSError:  # a read-only cache only costs a re-hash next time
+        pass
     return digest
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
+from loraforge.errors import UserError
 from loraforge.models.cache import atomic_directory, cache_root, file_digest
 from loraforge.models.quiet import quiet_transformers
 from loraforge.models.validate import check_gguf
@@ -34,6 +36,15 @@ def cached_gguf_folder(path: Path) -> Path:
     if all((entry / name).is_file() for name in _REQUIRED):
         return entry
     check_gguf(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(entry.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise UserError(
+            "the model cache is not writable; set LORAFORGE_CACHE to a writable folder", where=str(entry.parent)
+        )
     print(f"loraforge: converting {path.name} to safetensors (first load only)", file=sys.stderr)
     with atomic_directory(entry, overwrite=entry.exists()) as tmp:
         convert_gguf(path, tmp)

@@ -103,7 +103,9 @@ def weight_files(folder: Path) -> list[Path]:
             "(re-save the model with save_pretrained(..., safe_serialization=True))",
             where=str(folder),
         )
-    raise UserError("no *.safetensors weights in this folder; expected model.safetensors or its shards", where=str(folder))
+    raise UserError(
+        "no *.safetensors weights in this folder; expected model.safetensors or its shards", where=str(folder)
+    )
 
 
 def load_tokenizer(folder: Path):

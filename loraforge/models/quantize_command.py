@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from loraforge.models.bnb_checkpoint import save_quantized
     from loraforge.models.cache import check_output_dir
     from loraforge.models.load import QUANT_TYPES, load_model
-    from loraforge.models.memory import describe_memory, memory_stats
+    from loraforge.models.memory import describe_memory
     from loraforge.models.resolve import detect_format, resolve_model_path
     from loraforge.quant.replace import quantize_model
 
@@ -56,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with status.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, device=args.device)
-    before = memory_stats(model)
+    before = describe_memory(model)
     with status.status(f"quantizing to {args.type}"):
         quantize_model(model, quant_type=args.type, blocksize=args.blocksize, double_quant=args.double_quant)
-    after = memory_stats(model)
     with status.status(f"writing {out}"):
         save_quantized(model, tokenizer, out, overwrite=args.overwrite)
     seconds = time.perf_counter() - start
@@ -67,12 +66,8 @@ def run(args: argparse.Namespace) -> int:
     on_disk = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     dq = "double quant" if args.double_quant else "no double quant"
     print(f"quantized {args.model} to {args.type} (block {args.blocksize}, {dq}) in {seconds:.1f} s -> {out}")
-    print(f"  before: {_mb(before.bytes)} ({8 * before.bytes / before.params:.2f} bits/param)")
-    print(f"  after:  {_mb(after.bytes)} ({8 * after.bytes / after.params:.2f} bits/param; "
-          f"4-bit layers {after.quant_bits:.3f} bits/param); {_mb(on_disk)} on disk")
-    print(f"  {describe_memory(model)}")
+    print(f"  before:  {before}")
+    print(f"  after:   {describe_memory(model)}")
+    print(f"  on disk: {on_disk / 1e6:,.1f} MB")
     return 0
 
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f} MB"

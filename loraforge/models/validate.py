@@ -115,6 +115,18 @@ def check_gguf(path: Path) -> str:
     if field is None:
         raise UserError(f"the GGUF metadata has no 'general.architecture'; {expected}", where=str(path))
     arch = bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
-    model_type = _GGUF_TO_MODEL_TYPE.get(arch, arch)
-    check_architecture(model_type, where=str(path))
-    return model_type
+    readable = gguf_architectures()
+    if arch not in readable:
+        raise UserError(
+            f"unsupported GGUF architecture {arch!r}{did_you_mean(arch, readable)}; "
+            f"loraforge reads GGUF files of: {', '.join(readable)}",
+            where=str(path),
+        )
+    return _GGUF_TO_MODEL_TYPE.get(arch, arch)
+
+
+def gguf_architectures() -> list[str]:
+    """GGUF ``general.architecture`` values transformers converts and loraforge supports."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if _GGUF_TO_MODEL_TYPE.get(a, a) in SUPPORTED_ARCHITECTURES]

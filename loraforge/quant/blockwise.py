@@ -16,7 +16,9 @@ Rounding follows bitsandbytes' CPU paths byte for byte:
 - :func:`quantize_blockwise_8bit` (the 8-bit dynamic-map path used by double quantization and
   8-bit optimizer states): bitsandbytes' C++ kernel rounds through a 65536-entry table:
   ``lut[i] = nearest(code, 2i/65535 - 1)`` and ``q = lut[trunc(fma((x + 1) / 2, 65535, 0.5))]``
-  with ``x = clamp(x * (1 / absmax), -1, 1)``; an all-zero block gets code 0.
+  with ``x = clamp(x * (1 / absmax), -1, 1)``; an all-zero block gets code 0. The table's grid
+  step (2/65535) is coarser than the dynamic map near zero, so e.g. an exact 0 in a non-zero
+  block gets the signed map's code 131 (2.125e-5), as in bitsandbytes.
 
 Work is done in chunks of whole blocks so that large tensors never need more than a few
 megabytes of temporaries.
@@ -73,7 +75,16 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     flat = _check_input(x)
     n = flat.numel()
     mids, order = _sorted_code(code)
-    mids, order = mids.to(flat.device), order.to(torch.uint8).to(flat.device)
+    mids = mids.to(flat.device)
+    if torch.equal(order, torch.arange(order.numel())):
+        order = None  # sorted code book (NF-k, INT-k): the bucket is the code
+    else:
+        order = order.to(device=flat.device, dtype=torch.uint8)
+
+    def to_codes(scaled: torch.Tensor) -> torch.Tensor:
+        bucket = torch.bucketize(scaled, mids, out_int32=True)
+        return bucket if order is None else order[bucket]
+
     codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(math.ceil(n / blocksize), dtype=torch.float32, device=flat.device)
     full = n - n % blocksize
@@ -81,12 +92,12 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
         block = flat[start:end].float().view(-1, blocksize)
         amax = block.abs().amax(dim=1)
         scaled = (block * (1.0 / amax.clamp(min=_MIN_ABSMAX)).unsqueeze(1)).clamp_(-1, 1)
-        codes[start:end] = order[torch.bucketize(scaled.view(-1), mids, out_int32=True)]
+        codes[start:end] = to_codes(scaled.view(-1))
         absmax[start // blocksize : end // blocksize] = amax
     if full < n:
         tail = flat[full:].float()
         amax = tail.abs().amax().clamp(min=_MIN_ABSMAX)
-        codes[full:] = order[torch.bucketize((tail / amax).clamp_(-1, 1), mids, out_int32=True)]
+        codes[full:] = to_codes((tail / amax).clamp_(-1, 1))
         absmax[-1] = amax
     return codes, absmax
 
@@ -158,10 +169,39 @@ def dequantize_blockwise(
     full = n - n % blocksize
     for start, end in _chunks(full, blocksize):
         values = code[flat[start:end].long()].view(-1, blocksize)
-        values.mul_(absmax[start // blocksize : end // blocksize].unsqueeze(1))
-        out[start:end] = values.view(-1)
+        scales = absmax[start // blocksize : end // blocksize].unsqueeze(1)
+        torch.mul(values, scales, out=out[start:end].view(-1, blocksize))  # fp32 product, one cast
     if full < n:
         out[full:] = code[flat[full:n].long()] * absmax[full // blocksize]
+    return out.view(shape)
+
+
+def dequantize_packed_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """:func:`dequantize_blockwise` straight from :func:`pack_4bit` bytes: each byte indexes a
+    256 x 2 table of (high, low) code values, so the codes are never unpacked."""
+    n = math.prod(shape)
+    flat = packed.reshape(-1)
+    if flat.numel() * 2 < n or absmax.numel() < math.ceil(n / blocksize):
+        raise UserError(f"{flat.numel()} bytes / {absmax.numel()} scales cannot fill shape {tuple(shape)}", where="codes")
+    code = code.to(device=flat.device, dtype=torch.float32)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)  # byte -> (hi, lo)
+    absmax = absmax.float()
+    out = torch.empty(n, dtype=dtype, device=flat.device)
+    full = n - n % blocksize
+    for start, end in _chunks(full, blocksize):
+        values = torch.index_select(pairs, 0, flat[start // 2 : end // 2].int()).view(-1, blocksize)
+        scales = absmax[start // blocksize : end // blocksize].unsqueeze(1)
+        torch.mul(values, scales, out=out[start:end].view(-1, blocksize))  # fp32 product, one cast
+    if full < n:
+        tail = torch.index_select(pairs, 0, flat[full // 2 :].int()).view(-1)[: n - full]
+        out[full:] = tail * absmax[full // blocksize]
     return out.view(shape)
 
 

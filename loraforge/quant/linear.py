@@ -20,6 +20,7 @@ from loraforge.errors import UserError
 from loraforge.quant.blockwise import (
     check_blocksize,
     dequantize_blockwise,
+    dequantize_packed_4bit,
     pack_codes,
     quantize_blockwise,
     unpack_codes,
@@ -209,12 +210,11 @@ class QuantLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``[out_features, in_features]`` in ``dtype`` (default: the compute dtype)."""
-        n = self.in_features * self.out_features
-        codes = unpack_codes(self.qweight, n, self.qtype.storage_bits)
-        return dequantize_blockwise(
-            codes, self.block_absmax(), self.quant_map, self.blocksize,
-            (self.out_features, self.in_features), dtype or self.compute_dtype,
-        )
+        shape, dtype = (self.out_features, self.in_features), dtype or self.compute_dtype
+        if self.qtype.storage_bits == 4:
+            return dequantize_packed_4bit(self.qweight, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
+        codes = unpack_codes(self.qweight, math.prod(shape), self.qtype.storage_bits)
+        return dequantize_blockwise(codes, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
