@@ -24,7 +24,9 @@ loss, so the fp32 arms agree with each other, and so do the two NF4 arms when bo
 The machine's 2 cores are shared with other work, so arms run one after another see different
 loads. ``--interleave`` builds every arm in one process and takes one step of each in turn
 (rotating the order each round): every arm sees the same load, so its tokens/s are the fair
-comparison (no memory figures in that mode).
+comparison. Its memory column is exact and load-independent: the bytes of the tensors autograd
+saves for backward during one training forward (unique storages, model weights and buffers
+excluded), i.e. the activation memory each implementation keeps.
 
     .venv/bin/python benchmarks/adapter_step.py [--steps 4] [--methods lora,dora] [--arms ...] [--threads N]
     .venv/bin/python benchmarks/adapter_step.py --interleave [--steps 4] [--threads N]
@@ -142,9 +144,20 @@ def training_state(model, batch: int, seq: int):
     return optimizer, data
 
 
-def train_step(model, optimizer, x) -> tuple[float, float]:
+def train_step(model, optimizer, x, saved: dict | None = None) -> tuple[float, float]:
+    """One optimizer step; with ``saved``, record the storages autograd keeps for backward."""
+    import torch
+
     start = time.perf_counter()
-    loss = model(input_ids=x, labels=x).loss
+    if saved is None:
+        loss = model(input_ids=x, labels=x).loss
+    else:
+        def pack(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=x, labels=x).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -173,14 +186,19 @@ def run_interleaved(arms: list[str], methods: list[str], steps: int, warmup: int
         order = runs[i % len(runs):] + runs[: i % len(runs)]
         for run in order:
             optimizer, data = run["state"]
-            seconds, loss = train_step(run["model"], optimizer, data[i % len(data)])
+            if i == 0:  # the warm-up step also measures what autograd saves (model weights excluded)
+                run["saved"] = {}
+            seconds, loss = train_step(run["model"], optimizer, data[i % len(data)], run["saved"] if i == 0 else None)
+            if i == 0:
+                weights = {t.untyped_storage().data_ptr() for t in [*run["model"].parameters(), *run["model"].buffers()]}
+                run["saved_mib"] = sum(n for ptr, n in run["saved"].items() if ptr not in weights) / 2**20
             run["times"].append(seconds)
             run["losses"].append(loss)
     rows = []
     for run in runs:
         step = statistics.median(run["times"][warmup:])
         rows.append(dict(arm=run["arm"], method=run["method"], tok_s=batch * seq / step, step_s=step,
-                         loss=run["losses"][0], trainable=sum(p.numel() for p in optimizer_params(run["state"][0]))))
+                         loss=run["losses"][0], saved_mib=run["saved_mib"], trainable=sum(p.numel() for p in optimizer_params(run["state"][0]))))
     return rows
 
 
@@ -237,10 +255,10 @@ def print_table(rows: list[dict], arms: list[str], memory: bool) -> None:
         print("| method | arm | tokens/s | step s | peak RSS MiB | step RSS MiB | first loss | trainable |")
         print("|---|---|---|---|---|---|---|---|")
     else:
-        print("| method | arm | tokens/s | step s | first loss | trainable |")
-        print("|---|---|---|---|---|---|")
+        print("| method | arm | tokens/s | step s | saved for backward MiB | first loss | trainable |")
+        print("|---|---|---|---|---|---|---|")
     for row in rows:
-        mem = f"| {row['peak_rss']:.0f} | {row['step_rss']:.0f} " if memory else ""
+        mem = f"| {row['peak_rss']:.0f} | {row['step_rss']:.0f} " if memory else f"| {row['saved_mib']:.0f} "
         print(f"| {row['method']} | {row['arm']} | {row['tok_s']:.1f} | {row['step_s']:.2f} {mem}"
               f"| {row['loss']:.4f} | {row['trainable']:,d} |")
     by = {(r_["method"], r_["arm"]): r_ for r_ in rows}

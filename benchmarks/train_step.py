@@ -17,7 +17,8 @@ GPU (--device cuda): random-weight Llama-3 shapes (``--shape llama3-1b|llama3-8b
   unsloth and loraforge, through ``../shared/bench/peer_arms.py`` (imported, not copied: its
   ``train_loop`` times every arm). Peak = torch.cuda.max_memory_allocated.
 
-    python benchmarks/train_step.py --steps 3                  # CPU table
+    python benchmarks/train_step.py --steps 3 --threads 1      # CPU table
+    python benchmarks/train_step.py --steps 3 --threads 1 --arms peft,loraforge --no-checkpointing
     python benchmarks/train_step.py --device cuda --shape llama3-8b --bs 2 --seq 2048
 """
 
@@ -48,11 +49,15 @@ def _freeze(model):
     return model
 
 
+CHECKPOINTING = True  # --no-checkpointing turns it off in every arm (the "best setting" row on CPU)
+
+
 def _peft(model, r, alpha):
     from peft import LoraConfig, get_peft_model
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if CHECKPOINTING:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
                                             bias="none", task_type="CAUSAL_LM"))
 
@@ -67,8 +72,9 @@ def _loraforge(model, r, alpha, kernels=True):
         from loraforge.kernels.patch import apply_kernels
 
         apply_kernels(wrapped)
-        enable_checkpointing(wrapped)
-    else:
+        if CHECKPOINTING:
+            enable_checkpointing(wrapped)
+    elif CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return wrapped
@@ -207,8 +213,11 @@ def main():
     ap.add_argument("--warm", type=int, default=None)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--path", default="/tmp/rand_model")
+    ap.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off in every arm")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads per arm (default: torch's)")
     a = ap.parse_args()
+    global CHECKPOINTING
+    CHECKPOINTING = not a.no_checkpointing
     gpu = a.device == "cuda"
     a.bs = a.bs or (2 if gpu else 4)
     a.seq = a.seq or (2048 if gpu else 128)
@@ -220,7 +229,8 @@ def main():
     rows = []
     for arm in arms:
         cmd = [sys.executable, __file__, "--arm", arm, "--device", a.device, "--shape", a.shape, "--bs", str(a.bs),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--warm", str(a.warm), "--r", str(a.r), "--path", a.path] + (["--threads", str(a.threads)] if a.threads else [])
+               "--seq", str(a.seq), "--steps", str(a.steps), "--warm", str(a.warm), "--r", str(a.r), "--path", a.path] + (["--threads", str(a.threads)] if a.threads else []) \
+            + (["--no-checkpointing"] if a.no_checkpointing else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -230,7 +240,7 @@ def main():
         print(f"[{arm}] done: {rows[-1]['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     where = f"{a.shape}, " if gpu else "SmolLM2-135M-Instruct, "
     print(f"\n{where}{a.bs} x {a.seq} tokens, r={a.r} alpha={a.r} on {','.join(TARGETS)}, AdamW, "
-          f"gradient checkpointing, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
+          f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
     cpu = not gpu
     print("| arm | tokens/s | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
           + " peak GiB | loss first -> last |")

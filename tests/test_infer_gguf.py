@@ -92,17 +92,35 @@ def test_gguf_refuses_other_architectures():
         hyperparameters(Qwen2Config())
 
 
+def test_tokenizer_metadata_copied_from_a_gguf_source(tmp_path):
+    """Exporting from a GGUF source copies its tokenizer.* keys verbatim (types included)."""
+    from gguf import GGUFReader
+
+    from loraforge.infer.export_gguf import write_gguf
+
+    tok = bpe_tokenizer()
+    first = write_gguf(tiny_model(tok), tok, tmp_path / "a.gguf", "f32")
+    second = write_gguf(tiny_model(tok, seed=1), bpe_tokenizer(chat_template=False), tmp_path / "b.gguf", "f16",
+                        source_gguf=first)
+    a, b = GGUFReader(first), GGUFReader(second)
+    keys = sorted(k for k in a.fields if k.startswith("tokenizer."))
+    assert "tokenizer.chat_template" in keys and "tokenizer.ggml.merges" in keys
+    assert keys == sorted(k for k in b.fields if k.startswith("tokenizer."))
+    for key in keys:
+        assert b.fields[key].types == a.fields[key].types
+        assert b.fields[key].contents() == a.fields[key].contents()
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_train_merge_gguf_round_trip(tmp_path, smollm2_gguf):
     """The shipped GGUF -> LoRA, two optimizer steps -> merged -> GGUF (tokenizer metadata copied
     from the source file) -> transformers' GGUF loader: same logits as the merged model."""
-    from gguf import GGUFReader
-
     from loraforge.adapters import LoraConfig, attach
     from loraforge.infer.export_gguf import write_gguf
     from loraforge.models import load_model
 
     model, tok = load_model("smollm2-135m-instruct")
+    base_q = model.model.layers[3].self_attn.q_proj.weight.detach().clone()
     am = attach(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     opt = torch.optim.SGD([p for _, p in am.trainable_parameters()], lr=0.5)
     batch = torch.tensor([tok.encode("The capital of France is Paris.")])
@@ -110,19 +128,12 @@ def test_smollm2_gguf_train_merge_gguf_round_trip(tmp_path, smollm2_gguf):
         am(input_ids=batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad()
-    ids = torch.tensor([tok.encode("What is the capital of France?")])
-    with am.disable_adapter():
-        base_logits = logits(am, ids)
     merged = am.merge_and_unload()
     out = write_gguf(merged, tok, tmp_path / "smol.gguf", "f16", source_gguf=smollm2_gguf)
     loaded, _ = _load_gguf_model(out)
-    got = logits(loaded, ids)
+    ids = torch.tensor([tok.encode("What is the capital of France?")])
     want = logits(_stored_like(merged, "f16"), ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
-    assert (got - base_logits).abs().max() > 1e-2  # the trained adapter is in the file
-    source, written = GGUFReader(smollm2_gguf), GGUFReader(out)
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-        assert len(written.fields[key].data) == len(source.fields[key].data)
-        assert written.fields[key].contents(slice(0, 600)) == source.fields[key].contents(slice(0, 600))
-    for key in ("tokenizer.chat_template", "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"):
-        assert written.fields[key].contents() == source.fields[key].contents()
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=2e-3)
+    q = loaded.model.layers[3].self_attn.q_proj.weight
+    torch.testing.assert_close(q, merged.model.layers[3].self_attn.q_proj.weight, rtol=0, atol=0)
+    assert (q - base_q).abs().max() > 1e-3  # the trained adapter is in the file

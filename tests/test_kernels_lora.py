@@ -78,6 +78,26 @@ def test_mlp_bf16(reference_kernels):
     _check_mlp(quantized=False, dtype=torch.bfloat16, tol=2e-2)
 
 
+def test_mlp_and_projections_under_autocast(reference_kernels):
+    """bf16 autocast (the trainer's GPU mode): the fused blocks compute in bf16 and return float32
+    input gradients, close to autograd of the modules under the same autocast (<= 2e-2)."""
+    torch.manual_seed(3)
+    gate, up, down, q = _lora(32, 48), _lora(32, 48), _lora(48, 32), _lora(32, 32)
+    x = torch.randn(6, 32, requires_grad=True)
+    params = _lora_params(gate, up, down, q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_mlp(x, [lora_spec(m)[0] for m in (gate, up, down)])
+        (z,) = fused_projections(x, [lora_spec(q)[0]])
+        out = (y.float() + z.float()).square().sum()
+    grads = torch.autograd.grad(out, [x, *params])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = (down(F.silu(gate(x)) * up(x)).float() + q(x).float()).square().sum()
+    ref_grads = torch.autograd.grad(ref, [x, *params])
+    assert grads[0].dtype == torch.float32
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 2e-2
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_qkv_and_o_match_autograd(reference_kernels, quantized):
     torch.manual_seed(2)
@@ -156,3 +176,43 @@ def test_apply_kernels_leaves_dora_alone(reference_kernels, tiny_llama, capsys):
     patch = apply_kernels(model)
     assert patch.count("mlp") == patch.count("attention") == 0 and patch.count("rmsnorm") == 5
     assert "DoRA" in capsys.readouterr().err
+
+
+def test_apply_kernels_on_mistral(reference_kernels):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(6)
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=True)
+    model = MistralForCausalLM(config).train().requires_grad_(False)
+    model = attach(model, LoraConfig(r=2, alpha=4, init="none"))
+    ids = torch.randint(0, 96, (2, 9))
+    loss0, grads0 = _loss_and_grads(model, ids, ids)
+    patch = apply_kernels(model)
+    assert patch.count("attention") == patch.count("mlp") == patch.count("loss") == 1
+    loss1, grads1 = _loss_and_grads(model, ids, ids)
+    assert rel_err(loss1, loss0) < 1e-6
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads1, grads0))
+
+
+def test_checkpoint_recomputes_under_the_forward_autocast(reference_kernels):
+    """The re-run in backward uses the forward's autocast (else it would compute in float32)."""
+    from loraforge.kernels.checkpoint import checkpoint
+
+    torch.manual_seed(8)
+    layer = nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    seen = []
+
+    def run(h):
+        out = layer(h)
+        seen.append(out.dtype)
+        return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = checkpoint(run, x)
+    y.float().sum().backward()
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.autograd.grad(layer(x).float().sum(), layer.weight)[0]
+    assert rel_err(layer.weight.grad, expected) < 1e-6

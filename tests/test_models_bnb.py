@@ -121,6 +121,24 @@ def test_bitsandbytes_checkpoint_loads_in_loraforge(tmp_path, tiny_llama, quant_
     torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-4, rtol=0)
 
 
+def test_bnb_folder_compute_dtype_and_requantize_refusal(tmp_path, tiny_llama):
+    from loraforge.errors import UserError
+    from loraforge.quant.linear import QuantLinear
+
+    folder = save_folder(tiny_llama(**WIDE), tmp_path / "fp32")
+    model, tokenizer = load_model(folder, quantize="nf4")
+    out = save_quantized(model, tokenizer, tmp_path / "nf4")
+    half, _ = load_model(out, compute_dtype="bf16")
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert {m.compute_dtype for m in half.modules() if isinstance(m, QuantLinear)} == {torch.bfloat16}
+    ids = sample_ids()
+    full = logits(model, ids)
+    assert (logits(half, ids) - full).norm() < 0.05 * full.norm()
+    assert load_model(out, quantize="nf4")[0] is not None  # the stored type: nothing to do
+    with pytest.raises(UserError, match="already quantized"):
+        load_model(out, quantize="fp4")
+
+
 def tiny_config(model_type: str):
     from transformers import AutoConfig
 

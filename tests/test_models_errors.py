@@ -182,3 +182,15 @@ def test_alias_without_its_package(monkeypatch, capsys, tmp_path):
     with pytest.raises(UserError, match="did you mean"):
         load_model("smollm2-135m-instruc")
 
+
+
+def test_k_bit_base_has_no_bitsandbytes_format(tmp_path, tiny_llama):
+    from loraforge.models import save_quantized
+    from loraforge.quant.linear import QuantLinear
+
+    folder = save_folder(tiny_llama(), tmp_path / "model")
+    model, tokenizer = load_model(folder, quantize="nf2")  # LoftQ's 2-bit bases load fine
+    assert {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} == {"nf2"}
+    with pytest.raises(UserError, match="nf4 or fp4"):
+        save_quantized(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -59,6 +59,7 @@ def smollm2(smollm2_gguf):
     return smollm2_loads()
 
 
+@pytest.mark.slow
 def test_alias_cache_entry(smollm2, smollm2_gguf):
     with open(smollm2_gguf, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -72,6 +73,7 @@ def test_alias_cache_entry(smollm2, smollm2_gguf):
     assert "quantization_config" not in config
 
 
+@pytest.mark.slow
 def test_alias_warm_load_matches_cold(smollm2):
     cold, warm = smollm2["cold"], smollm2["warm"]
     print(f"\nsmollm2 alias: cold load {smollm2['cold_s']:.1f} s, warm load {smollm2['warm_s']:.1f} s")
@@ -85,6 +87,7 @@ def test_alias_warm_load_matches_cold(smollm2):
     assert smollm2["tokenizer"](text).input_ids == smollm2["warm_tokenizer"](text).input_ids
 
 
+@pytest.mark.slow
 def test_alias_knows_paris(smollm2):
     """End to end: the converted weights (q/k permutation, tied head, tokenizer) still know facts."""
     model, tokenizer = smollm2["warm"], smollm2["warm_tokenizer"]

@@ -3,7 +3,8 @@ with optional offload of the saved layer inputs to pinned CPU memory.
 
 Forward runs each decoder layer without recording a graph and keeps only its input hidden
 state (``[B, S, H]``); backward brings that input back, re-runs the layer with grad enabled
-(restoring the RNG state, so dropout repeats) and back-propagates through it (only the re-run's graph is used, never its output values). Memory for
+(under the forward's autocast state, with its RNG state restored so that dropout repeats) and
+back-propagates through it (only the re-run's graph is used, never its output values). Memory for
 activations is one hidden state per layer plus one layer's full activations at a time. With
 ``offload=True`` the saved input of a CUDA layer is copied to pinned host memory (asynchronous
 copy on the current stream) and copied back in backward: the GPU then keeps no per-layer
@@ -65,6 +66,7 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda = any(d.type == "cuda" for d in ctx.devices)
         ctx.cuda_rng = torch.cuda.get_rng_state() if ctx.cuda else None
+        ctx.autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
         ctx.saved = [
             (_offload(a) if offload and a.is_cuda else a.detach()) if isinstance(a, torch.Tensor) else a for a in args
         ]
@@ -84,7 +86,11 @@ class CheckpointFunction(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda:
                 torch.cuda.set_rng_state(ctx.cuda_rng)
-            with torch.enable_grad(), _recomputing():
+            with contextlib.ExitStack() as stack:
+                for device, dtype in ctx.autocast:
+                    stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
+                stack.enter_context(torch.enable_grad())
+                stack.enter_context(_recomputing())
                 out = ctx.run_fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

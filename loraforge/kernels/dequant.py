@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from loraforge.errors import UserError
 from loraforge.kernels.dispatch import use_triton
@@ -101,9 +100,10 @@ def block_scales_reference(w: Packed4bit) -> torch.Tensor:
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """``[256, 2]``: byte ``b`` -> ``(code[b >> 4], code[b & 15])`` (high nibble first)."""
+    """``[256]`` 8-byte entries: byte ``b`` -> the float32 pair ``(code[b >> 4], code[b & 15])``
+    (high nibble first), stored as int64 so that one ``index_select`` moves both values."""
     code = code.float()
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous().view(torch.int64).view(-1)
 
 
 def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -112,8 +112,8 @@ def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype = torch.float32)
     w.check()
     n = w.numel
     nbytes = (n + 1) // 2
-    values = F.embedding(w.packed.reshape(-1)[:nbytes].int(), _pair_table(w.code).to(w.packed.device))
-    values = values.view(-1)[:n]
+    table = _pair_table(w.code).to(w.packed.device)
+    values = torch.index_select(table, 0, w.packed.reshape(-1)[:nbytes].int()).view(torch.float32)[:n]
     scales = block_scales_reference(w)
     full = n - n % w.blocksize
     values[:full].view(-1, w.blocksize).mul_(scales[: full // w.blocksize, None])
@@ -129,21 +129,21 @@ def dequantize_4bit_reference(w: Packed4bit, dtype: torch.dtype = torch.float32)
         {"BLOCK": 2048, "num_warps": 8},
         {"BLOCK": 4096, "num_warps": 8},
     ],
-    key=["nbytes", "blocksize", "DOUBLE"],
+    key=["nbytes"],
 )
 def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, out_ptr,
-                    n, nbytes, blocksize, nested_blocksize,
-                    DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+                    n, nbytes,
+                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     byte = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = byte < nbytes
     q = tl.load(packed_ptr + byte, mask=in_range, other=0)
     hi = tl.load(code_ptr + (q >> 4).to(tl.int32))          # element 2i
     lo = tl.load(code_ptr + (q & 0xF).to(tl.int32))         # element 2i + 1
-    block = (byte * 2) // blocksize                         # both nibbles share a block (even blocksize)
+    block = (byte * 2) // BLOCKSIZE                         # both nibbles share a block (even blocksize)
     if DOUBLE:
         c = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + c) * tl.load(nested_ptr + block // nested_blocksize, mask=in_range, other=0.0)
+        scale = tl.load(nested_code_ptr + c) * tl.load(nested_ptr + block // NESTED, mask=in_range, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
@@ -167,7 +167,7 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype = torch.float32, ou
         nested = nested_code = offset = w.absmax
     grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
     _dequant_kernel[grid](w.packed.reshape(-1), w.absmax, w.code.float(), nested, nested_code, offset, out,
-                          n, nbytes, w.blocksize, w.nested_blocksize, DOUBLE=w.double_quant)
+                          n, nbytes, BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize, DOUBLE=w.double_quant)
     return out
 
 

@@ -10,7 +10,8 @@ each program owns ``BLOCK_N`` output columns and a ``1 / SPLIT_K`` slice of K, l
 into the even and odd weight columns, and multiplies them with the matching even and odd columns
 of x (so no interleave is needed), accumulating in float32 (``tl.dot`` with M padded to 16);
 partial sums of the K slices are added with atomics into a float32 buffer, cast once at the end.
-In the interpreter the dot runs on float32 operands (its bf16 dot is not exact there).
+Float32 activations use an IEEE float32 dot (no TF32), and so does the interpreter for every
+dtype (its bf16 dot is not exact).
 
 :func:`gemv_4bit` takes ``x [..., K]`` with at most :data:`MAX_ROWS` rows and K a multiple of the
 block size; anything else goes through the reference (dequantize, then ``F.linear``).
@@ -50,11 +51,11 @@ def gemv_4bit_reference(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | Non
         {"BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 8, "num_stages": 4},
         {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 8, "num_warps": 4, "num_stages": 4},
     ],
-    key=["M", "N", "K", "DOUBLE"],
+    key=["M", "N", "K"],
 )
 def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_code_ptr, offset_ptr, acc_ptr,
-                 M, N, K, stride_xm, blocksize, nested_blocksize,
-                 DOUBLE: tl.constexpr, DOT_F32: tl.constexpr,
+                 M, N, K, stride_xm,
+                 BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
@@ -72,10 +73,10 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_cod
         byte = cols[:, None].to(tl.int64) * (K // 2) + (kk // 2)[None, :]
         mask = col_ok[:, None] & k_ok[None, :]
         q = tl.load(packed_ptr + byte, mask=mask, other=0)
-        block = (cols[:, None].to(tl.int64) * K + kk[None, :]) // blocksize
+        block = (cols[:, None].to(tl.int64) * K + kk[None, :]) // BLOCKSIZE
         if DOUBLE:
             c = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + c) * tl.load(nested_ptr + block // nested_blocksize, mask=mask, other=0.0)
+            scale = tl.load(nested_code_ptr + c) * tl.load(nested_ptr + block // NESTED, mask=mask, other=0.0)
             scale = scale + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
@@ -85,8 +86,8 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_ptr, nested_cod
         x_even = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :], mask=x_mask, other=0.0)
         x_odd = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] + 1, mask=x_mask, other=0.0)
         if DOT_F32:
-            acc += tl.dot(x_even.to(tl.float32), tl.trans(w_even))
-            acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_odd))
+            acc += tl.dot(x_even.to(tl.float32), tl.trans(w_even), input_precision="ieee")
+            acc += tl.dot(x_odd.to(tl.float32), tl.trans(w_odd), input_precision="ieee")
         else:
             acc += tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)))
             acc += tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)))
@@ -108,7 +109,7 @@ def gemv_4bit_triton(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None =
         nested = nested_code = offset = w.absmax
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemv_kernel[grid](x2, w.packed.reshape(-1), w.absmax, w.code.float(), nested, nested_code, offset, acc,
-                       M, N, K, x2.stride(0), w.blocksize, w.nested_blocksize,
+                       M, N, K, x2.stride(0), BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize,
                        DOUBLE=w.double_quant, DOT_F32=interpreting() or x2.dtype == torch.float32)
     if bias is not None:
         acc += bias.float()

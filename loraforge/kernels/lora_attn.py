@@ -12,7 +12,15 @@ import sys
 
 import torch
 
-from loraforge.kernels.lora_linear import LoraSpec, lora_spec, lora_tensors, project, project_backward
+from loraforge.kernels.lora_linear import (
+    LoraSpec,
+    autocast_off,
+    compute_dtype,
+    lora_spec,
+    lora_tensors,
+    project,
+    project_backward,
+)
 from loraforge.kernels.rope import apply_rope
 
 
@@ -22,18 +30,19 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, specs: list[LoraSpec], *params: torch.Tensor):
-        x2 = x.reshape(-1, x.shape[-1])
-        outs, xa = project(x2, specs)
+        with autocast_off(x):
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
+            outs, xa = project(x2, specs)
         ctx.save_for_backward(x2, xa)
-        ctx.specs, ctx.shape = specs, x.shape
+        ctx.specs, ctx.shape, ctx.in_dtype = specs, x.shape, x.dtype
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
     @staticmethod
     def backward(ctx, *dys):
         x2, xa = ctx.saved_tensors
-        dys = [None if d is None else d.reshape(-1, d.shape[-1]) for d in dys]
+        dys = [None if d is None else d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in dys]
         dx, grads = project_backward(dys, x2, xa, ctx.specs, need_dx=ctx.needs_input_grad[0])
-        return (None if dx is None else dx.view(ctx.shape)), None, *grads
+        return (None if dx is None else dx.view(ctx.shape).to(ctx.in_dtype)), None, *grads
 
 
 def fused_projections(x: torch.Tensor, specs: list[LoraSpec]) -> tuple[torch.Tensor, ...]:
@@ -72,7 +81,11 @@ def fused_attention_forward(self, hidden_states, position_embeddings=None, atten
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
     interface = module.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                              module.eager_attention_forward)
-    extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) is not None else {}
+    extra = {}
+    if self.config.model_type == "mistral":  # as transformers' Mistral / Qwen2 attention pass it
+        extra["sliding_window"] = getattr(self.config, "sliding_window", None)
+    elif self.config.model_type == "qwen2":
+        extra["sliding_window"] = getattr(self, "sliding_window", None)
     out, weights = interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **extra, **kwargs)
     out = out.reshape(*input_shape, -1).contiguous()

@@ -102,6 +102,19 @@ def release_buffers() -> None:
 
 # ----- forward / backward of projections that share their input -------------------------------
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the fused blocks compute in: autocast's when it is on (the Functions then cast
+    their input once and run with autocast off, so that forward and backward agree), else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def autocast_off(x: torch.Tensor):
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def lora_tensors(specs: list[LoraSpec]) -> list[torch.Tensor]:
     """The trained tensors, in the order the autograd Functions take them: A_i, B_i per adapter."""
     return [t for s in specs if s.A is not None for t in (s.A, s.B)]

@@ -28,7 +28,15 @@ import torch
 
 from loraforge.kernels.checkpoint import in_recompute
 from loraforge.kernels.dispatch import use_triton
-from loraforge.kernels.lora_linear import LoraSpec, lora_spec, lora_tensors, project, project_backward
+from loraforge.kernels.lora_linear import (
+    LoraSpec,
+    autocast_off,
+    compute_dtype,
+    lora_spec,
+    lora_tensors,
+    project,
+    project_backward,
+)
 from loraforge.kernels.swiglu import (
     swiglu_backward_reference,
     swiglu_backward_triton,
@@ -48,23 +56,24 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, specs: list[LoraSpec], skip_output: bool, *params: torch.Tensor):
         gate, up, down = specs
-        x2 = x.reshape(-1, x.shape[-1])
-        (g, u), xa = project(x2, [gate, up])
-        h = _swiglu(g, u)
-        if skip_output:
-            ha = h @ down.A.to(h.dtype).t() if down.A is not None else None
-            y = x2.new_zeros(1).expand(x2.shape[0], down.out_features)
-        else:
-            (y,), ha = project(h, [down])
+        with autocast_off(x):
+            x2 = x.reshape(-1, x.shape[-1]).to(compute_dtype(x))
+            (g, u), xa = project(x2, [gate, up])
+            h = _swiglu(g, u)
+            if skip_output:
+                ha = h @ down.A.to(h.dtype).t() if down.A is not None else None
+                y = x2.new_zeros(1).expand(x2.shape[0], down.out_features)
+            else:
+                (y,), ha = project(h, [down])
         ctx.save_for_backward(x2, g, u, xa, ha)
-        ctx.specs, ctx.shape = specs, x.shape
+        ctx.specs, ctx.shape, ctx.in_dtype = specs, x.shape, x.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, g, u, xa, ha = ctx.saved_tensors
         gate, up, down = ctx.specs
-        dy = dy.reshape(-1, dy.shape[-1])
+        dy = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         h = _swiglu(g, u)
         dh, grads_down = project_backward([dy], h, ha, [down])
         del h
@@ -74,7 +83,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             dg, du = swiglu_backward_reference(dh, g, u)
         del dh
         dx, grads_gu = project_backward([dg, du], x2, xa, [gate, up], need_dx=ctx.needs_input_grad[0])
-        return (None if dx is None else dx.view(ctx.shape)), None, None, *grads_gu, *grads_down
+        return (None if dx is None else dx.view(ctx.shape).to(ctx.in_dtype)), None, None, *grads_gu, *grads_down
 
 
 def mlp_specs(mlp) -> tuple[list[LoraSpec] | None, str]:

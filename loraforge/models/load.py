@@ -10,8 +10,10 @@ alias           the file an installed package ships (see resolve.py)
 With ``quantize="nf4"`` or ``"fp4"`` every ``nn.Linear`` but ``lm_head`` becomes a frozen
 blockwise 4-bit :class:`~loraforge.quant.linear.QuantLinear` as in QLoRA (Dettmers et al., 2023):
 W ~ code[q] * absmax per block of ``blocksize`` weights, the absmax themselves 8-bit quantized
-with ``double_quant``. On a ``device``, the model moves there before it is quantized, so that the
-GPU quantizes (matching bitsandbytes' CUDA path) and the CPU never holds a second copy.
+with ``double_quant``. The k-bit types QuantLinear also knows (nf2, nf3, int4, ..., for LoftQ's
+low-bit bases) work the same way but have no bitsandbytes on-disk format. With a ``device`` the
+model moves there before it is quantized, so a GPU does the quantization (bitsandbytes' CUDA
+rounding, the one most published checkpoints were made with).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import torch
 from loraforge.errors import UserError, check_choice
 from loraforge.models.resolve import detect_format, read_config_json, resolve_model_path
 from loraforge.models.validate import check_architecture, check_safetensors
+from loraforge.quant.codebooks import QUANT_TYPES  # nf4, fp4 (bitsandbytes' formats), nf2, nf3, int4, ...
 
-QUANT_TYPES = ("nf4", "fp4")
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
     "fp16": torch.float16, "float16": torch.float16,

@@ -36,12 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     from loraforge.models.bnb_checkpoint import save_quantized
     from loraforge.models.cache import check_output_dir
-    from loraforge.models.load import QUANT_TYPES, load_model
+    from loraforge.models.load import load_model
     from loraforge.models.memory import describe_memory
     from loraforge.models.resolve import detect_format, resolve_model_path
+    from loraforge.quant.bnb_format import BNB_QUANT_TYPES
     from loraforge.quant.replace import quantize_model
 
-    check_choice(args.type, QUANT_TYPES, "quantization type", where="--type")
+    check_choice(args.type, BNB_QUANT_TYPES, "quantization type", where="--type")
     if args.blocksize not in BLOCKSIZES:
         raise UserError(
             f"block size {args.blocksize} is not supported; expected a power of two from 32 to 4096",

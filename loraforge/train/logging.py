@@ -106,6 +106,10 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
 
+    def elapsed(self) -> float:
+        """Seconds since the first step started."""
+        return time.perf_counter() - self._t0
+
     # ------------------------------------------------------------------ records
     def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, trained_tokens: int,
              seconds: float, peak_memory: int) -> None:

@@ -1,0 +1,118 @@
+"""Generation speed: loraforge's 4-bit model beside transformers + bitsandbytes 4-bit.
+
+Both arms run the same SmolLM2-135M-Instruct weights (the embedded GGUF, dequantized once into
+loraforge's cache), NF4 with double quantization and block 64, lm_head and embeddings
+unquantized, the same chat-templated prompts, greedy decoding of exactly ``--new-tokens`` tokens
+(no early stop) through transformers' ``generate`` with a KV cache. Only the 4-bit linear layer
+differs: loraforge's ``QuantLinear`` vs bitsandbytes' ``Linear4bit``. A dense row (the same model
+unquantized) gives the scale. One warm-up generation per arm, then the median of ``--repeats``.
+
+    .venv/bin/python benchmarks/generate.py                 # CPU (float32 compute)
+    .venv/bin/python benchmarks/generate.py --device cuda   # GPU (bfloat16 compute)
+
+Batch-1 decoding reads every weight once per token, so on a GPU it is bound by memory bandwidth:
+a 4-bit weight stream should beat the dense one (see shared/reference/anchors.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a neural network is in one sentence.",
+    "List three prime numbers.",
+]
+
+
+def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraforge.models import load_model, resolve_model_path
+    from loraforge.models.gguf import cached_gguf_folder
+    from loraforge.models.quiet import quiet_transformers
+
+    folder = cached_gguf_folder(resolve_model_path("smollm2-135m-instruct"))
+    models = {}
+    if "loraforge-nf4" in arms:
+        models["loraforge nf4"], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
+    if "bnb-nf4" in arms:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        with quiet_transformers(capture_stderr=True):
+            models["transformers + bitsandbytes nf4"] = AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=bnb, device_map=device, dtype=dtype).eval()
+    if "dense" in arms:
+        models[f"dense {str(dtype).removeprefix('torch.')} (reference)"], tokenizer = load_model(
+            folder, compute_dtype=dtype, device=device)
+    if "tokenizer" not in locals():
+        from loraforge.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+    return models, tokenizer
+
+
+def time_generation(model, prompts, batch: int, new_tokens: int, repeats: int, device: str) -> tuple[float, list]:
+    from loraforge.infer.generate import GenerationSettings, generate_ids
+
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+
+    def once():
+        outs = []
+        for b in batches:
+            outs += generate_ids(model, b, settings, stop_ids=[], pad_id=0)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return outs
+
+    outs = once()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return len(prompts) * new_tokens / statistics.median(times), outs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"])
+    args = parser.parse_args()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+
+    from loraforge.infer.prompts import encode_text
+
+    models, tokenizer = load_arms(args.device, dtype, args.arms)
+    prompts = [encode_text(p, tokenizer, "tokenizer") for p in PROMPTS]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\nSmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens each, greedy, "
+          f"{name}, compute {str(dtype).removeprefix('torch.')}, torch {torch.__version__}\n")
+    print("| arm | batch | tokens/s | same tokens as loraforge nf4 |")
+    print("|---|---|---|---|")
+    for batch in args.batch:
+        reference = None
+        for arm, model in models.items():
+            tps, outs = time_generation(model, prompts, batch, args.new_tokens, args.repeats, args.device)
+            if reference is None:
+                reference = outs
+            same = sum(a == b for a, b in zip(outs, reference))
+            print(f"| {arm} | {batch} | {tps:,.1f} | {same}/{len(outs)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

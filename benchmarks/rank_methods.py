@@ -1,0 +1,108 @@
+"""LoRA vs AdaLoRA vs SoRA at a similar parameter budget on alpaca data (SmolLM2-135M-Instruct).
+
+- LoRA r (default 8) on every linear layer;
+- AdaLoRA from init_r = 1.5 r down to target_r = r (average), the budget moved between modules
+  by importance (tinit / tfinal = 10% / 25% of the steps);
+- SoRA from r0 = 1.5 r with the proximal L1 step on the gates, so it prunes ranks as it trains.
+
+The same short run for each (same data order, AdamW, lr, steps); printed: trainable parameters
+at the start and kept at the end, final ranks (total, min / mean / max per module), train loss,
+held-out alpaca loss.
+
+    .venv/bin/python benchmarks/rank_methods.py
+    .venv/bin/python benchmarks/rank_methods.py --steps 60 --rank 8 --sora-lambda 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loftq_quality import alpaca_examples, eval_loss, finetune, pad_id_of, print_table  # noqa: E402
+
+
+def adapter_parameters(adapter_model, ranks: dict[str, int]) -> int:
+    """Parameters of a LoRA-shaped adapter with these per-module ranks: r (in + out) (+ r for E / g)."""
+    total = 0
+    for key, r in ranks.items():
+        layer = adapter_model.model.get_submodule(key)
+        total += r * (layer.in_features + layer.out_features)
+    return total
+
+
+def lora_ranks(adapter_model) -> dict[str, int]:
+    return {k: adapter_model.model.get_submodule(k).r["default"] for k in adapter_model.targets["default"]}
+
+
+def adalora_ranks(adapter_model) -> dict[str, int]:
+    config = adapter_model.configs["default"]
+    return {k: sum(config.rank_pattern.get(k, [True] * config.init_r)) for k in adapter_model.targets["default"]}
+
+
+def sora_ranks(adapter_model) -> dict[str, int]:
+    return {k: adapter_model.model.get_submodule(k).kept_rank("default") for k in adapter_model.targets["default"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--sora-lambda", type=float, default=10.0)
+    parser.add_argument("--eval-rows", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import loraforge.adapters.adalora  # noqa: F401  (registers the methods)
+    import loraforge.adapters.sora  # noqa: F401
+    from loraforge.adapters import LoraConfig, attach
+    from loraforge.adapters.adalora import AdaloraConfig
+    from loraforge.adapters.sora import SoraConfig
+    from loraforge.models import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    full, tokenizer = load_model("smollm2-135m-instruct", device=device)
+    train, held = alpaca_examples(tokenizer, args.max_length, args.eval_rows)
+    pad_id = pad_id_of(tokenizer)
+    r, r0 = args.rank, args.rank * 3 // 2
+    methods = {
+        f"LoRA r={r}": (LoraConfig(r=r, alpha=2 * r), lora_ranks),
+        f"AdaLoRA {r0}->{r}": (AdaloraConfig(init_r=r0, target_r=r, alpha=2 * r, tinit=args.steps // 10,
+                                             tfinal=args.steps // 4), adalora_ranks),
+        f"SoRA r0={r0} lambda={args.sora_lambda:g}": (SoraConfig(r=r0, alpha=2 * r0, lambda_=args.sora_lambda),
+                                                      sora_ranks),
+    }
+    print(f"SmolLM2-135M-Instruct (fp32) on {device}; all linear layers; {args.steps} steps x {args.batch} alpaca "
+          f"examples, AdamW lr {args.lr:g}, max_length {args.max_length}; eval on the last {args.eval_rows} rows")
+    rows = [("method", "params start", "params end", "ranks end (sum; min/mean/max)",
+             "train loss (last 5)", "eval loss", "s")]
+    for name, (config, ranks_of) in methods.items():
+        t = time.perf_counter()
+        adapter_model = attach(copy.deepcopy(full), config)
+        params_start = sum(p.numel() for p in adapter_model.parameters() if p.requires_grad)
+        losses = finetune(adapter_model, train, pad_id, steps=args.steps, batch=args.batch, lr=args.lr)
+        ranks = ranks_of(adapter_model)
+        values = list(ranks.values())
+        rows.append((name, f"{params_start:,}", f"{adapter_parameters(adapter_model, ranks):,}",
+                     f"{sum(values)}; {min(values)}/{sum(values) / len(values):.1f}/{max(values)}",
+                     f"{sum(losses[-5:]) / 5:.4f}", f"{eval_loss(adapter_model, held, pad_id):.4f}",
+                     f"{time.perf_counter() - t:.0f}"))
+        print_table(rows)
+        del adapter_model
+    print()
+    print_table(rows)
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
