@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loftq_quality import alpaca_examples, eval_loss, finetune, pad_id_of, print_table  # noqa: E402
+from loftq_quality import alpaca_examples, eval_loss, finetune, pad_id_of, print_table
 
 
 def adapter_parameters(adapter_model, ranks: dict[str, int]) -> int:
@@ -52,18 +52,16 @@ def sora_ranks(adapter_model) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--sora-lambda", type=float, default=10.0)
-    parser.add_argument("--eval-rows", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--sora-lambda", type=float, default=20.0)
+    parser.add_argument("--eval-rows", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import loraforge.adapters.adalora  # noqa: F401  (registers the methods)
-    import loraforge.adapters.sora  # noqa: F401
     from loraforge.adapters import LoraConfig, attach
     from loraforge.adapters.adalora import AdaloraConfig
     from loraforge.adapters.sora import SoraConfig

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as err:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
         return 2

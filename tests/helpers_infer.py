@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_llama_config  # noqa: E402
+from conftest import tiny_llama_config
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -55,8 +55,8 @@ def tiny_model(tokenizer, seed: int = 0, **overrides):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    cfg = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     cfg.update(overrides)
     model = LlamaForCausalLM(tiny_llama_config(**cfg)).eval()
     with torch.no_grad():  # larger weights than the default init, so that logits differ visibly

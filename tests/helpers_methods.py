@@ -3,8 +3,6 @@ memory (no downloads) for checkpoints that must hold one."""
 
 from __future__ import annotations
 
-import pytest
-
 
 def make_tiny_tokenizer(vocab_size: int = 128):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -14,7 +12,3 @@ def make_tiny_tokenizer(vocab_size: int = 128):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t1", eos_token="t2")
 
-
-@pytest.fixture
-def tiny_tokenizer():
-    return make_tiny_tokenizer()

@@ -201,6 +201,8 @@ def test_no_match_is_a_user_error():
         attach(tiny_model(0), LoraConfig(targets=["qproj"]))
     with pytest.raises(UserError, match="not a linear layer"):
         attach(tiny_model(0), LoraConfig(targets=["mlp"]))
+    with pytest.raises(UserError, match="invalid regex"):
+        LoraConfig(targets=r".*(q_proj")
 
 
 def test_modules_to_save_and_trainable_count_match_peft(tmp_path, capsys):

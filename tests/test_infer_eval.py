@@ -104,7 +104,7 @@ def test_eval_text_compare_matches_separate_runs(tmp_path, capsys):
 
 
 def test_eval_accuracy_counts_exact_and_contained(tmp_path, capsys):
-    tok = _folders(tmp_path)
+    _folders(tmp_path)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello", "paris", "a"]))
     assert main(["generate", str(tmp_path / "base"), "--prompts", str(tmp_path / "p.jsonl"), "--out",
                  str(tmp_path / "o.jsonl"), "--max-new-tokens", "6", "--no-progress"]) == 0

@@ -81,3 +81,16 @@ def test_rmsnorm_matches_transformers(triton_interpret):
         norm.weight.normal_()
     x = torch.randn(4, 24)
     assert rel_err(rmsnorm(x, norm.weight, 1e-6), norm(x)) < 1e-6
+
+
+def test_dispatch_rules(monkeypatch):
+    from loraforge.kernels import dispatch
+
+    cpu = torch.empty(1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("LORAFORGE_KERNELS", raising=False)
+    assert not dispatch.use_triton(cpu)  # CPU tensors: the reference
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.use_triton(cpu) == dispatch.triton_importable()  # CI: the kernels, interpreted
+    monkeypatch.setenv("LORAFORGE_KERNELS", "reference")
+    assert not dispatch.use_triton(cpu)

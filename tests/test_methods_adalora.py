@@ -18,7 +18,7 @@ from loraforge.adapters.adalora import AdaloraConfig, RankAllocator
 from loraforge.adapters.method_hooks import training_hooks
 from loraforge.errors import UserError
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def test_budget_schedule_matches_peft(tinit, tfinal, delta_t, total):
     ours = RankAllocator({k: am.model.get_submodule(k) for k in am.targets["default"]}, "default", config)
     theirs = PeftRankAllocator(am.model, peft_config(config), "default")
     assert (ours.init_budget, ours.target_budget) == (theirs.init_bgt, theirs.target_bgt) == (14 * 6, 14 * 2)
-    for step in range(0, total + 3):
+    for step in range(total + 3):
         assert ours.budget(step) == theirs.budget_schedule(step), step
 
 
@@ -60,11 +60,11 @@ def _drive_peft(allocator: PeftRankAllocator, model, config, step, state):
     """PEFT's AdaLoraModel.update_and_allocate, step for step."""
     end = config.total_step - config.tfinal
     if step < end:
-        budget, pattern = allocator.update_and_allocate(model, step)
+        _, pattern = allocator.update_and_allocate(model, step)
         if pattern:
             state["pattern"] = pattern
     elif step == end:
-        budget, state["pattern"] = allocator.update_and_allocate(model, step, force_mask=True)
+        _, state["pattern"] = allocator.update_and_allocate(model, step, force_mask=True)
         allocator.reset_ipt()
     else:
         allocator.mask_using_rank_pattern(model, state["pattern"])
@@ -103,7 +103,7 @@ def test_masking_matches_peft_allocator(tinit, tfinal, delta_t):
 
 
 def test_orthogonal_regulariser_matches_peft_loss(tmp_path):
-    am, config = adalora_model(total_step=10)
+    am, _ = adalora_model(total_step=10)
     with torch.no_grad():
         for p in am.parameters():
             if p.requires_grad:
@@ -131,7 +131,7 @@ def _train(am, steps, lr=5e-3):
 
 
 def test_trained_adapter_is_trimmed_and_peft_gives_same_logits(tmp_path):
-    am, config = adalora_model(tinit=1, tfinal=2)
+    am, _ = adalora_model(tinit=1, tfinal=2)
     hooks, logs = _train(am, 8)
     ranks = hooks.allocator.ranks()
     assert logs == {"budget": 28, "rank": 28} and sum(ranks.values()) == 28
@@ -143,6 +143,10 @@ def test_trained_adapter_is_trimmed_and_peft_gives_same_logits(tmp_path):
     torch.testing.assert_close(theirs(input_ids=ids).logits, ours, **TOL)
     for key, r in ranks.items():  # PEFT rebuilt the trimmed shapes from rank_pattern
         assert theirs.base_model.model.get_submodule(key).lora_E["default"].shape == (r, 1)
+
+    am.merge()  # the SVD-form update folds into the base weight
+    torch.testing.assert_close(am(input_ids=ids).logits, ours, **TOL)
+    am.unmerge()
 
     again = load_adapter(tiny_model(0), tmp_path)
     torch.testing.assert_close(again(input_ids=ids).logits, ours, **TOL)

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 from helpers_adapters import tiny_model
-from helpers_methods import tiny_tokenizer  # noqa: F401  (fixture)
+from helpers_methods import make_tiny_tokenizer
 from torch import nn
 
 from loraforge.adapters import LoraConfig, attach
@@ -138,7 +138,7 @@ def test_improves_on_real_smollm2_layers(smollm_weights, name):
 
 # ----- attaching, saving, reloading ----------------------------------------------------------------
 
-def test_attach_mixed_precision_save_reload_and_peft(tmp_path, tiny_tokenizer):
+def test_attach_mixed_precision_save_reload_and_peft(tmp_path):
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
     full = tiny_model(0)
     reference = full(input_ids=ids).logits
@@ -153,7 +153,7 @@ def test_attach_mixed_precision_save_reload_and_peft(tmp_path, tiny_tokenizer):
     with am.disable_adapter():  # the adapter moves the quantized model towards the full one
         assert (ours - reference).abs().mean() < (am(input_ids=ids).logits - reference).abs().mean()
 
-    save_loftq(am, tiny_tokenizer, tmp_path)
+    save_loftq(am, make_tiny_tokenizer(), tmp_path)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
     again, _ = load_loftq(tmp_path)
     torch.testing.assert_close(again(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
@@ -166,20 +166,25 @@ def test_attach_mixed_precision_save_reload_and_peft(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(theirs(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_4bit_base_saves_as_bitsandbytes_folder(tmp_path, tiny_tokenizer):
+def test_4bit_base_saves_as_bitsandbytes_folder(tmp_path):
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
     am = loftq_attach(tiny_model(0), LoftqConfig(r=4, alpha=4, loftq_bits=4, echo=None))
-    save_loftq(am, tiny_tokenizer, tmp_path)
+    save_loftq(am, make_tiny_tokenizer(), tmp_path)
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     again, _ = load_loftq(tmp_path)
     torch.testing.assert_close(again(input_ids=ids).logits, am(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_plain_lora_config_with_loftq_init_and_quantized_base_error():
+def test_plain_lora_init_loftq_untargeted_layers_and_quantized_base_error():
     am = attach(tiny_model(0), LoraConfig(r=4, alpha=8, init="loftq", targets=["q_proj"]))
     layer = am.model.get_submodule(am.targets["default"][0])
     assert layer.base_layer.quant_type == "nf4" and layer.lora_B["default"].weight.abs().sum() > 0
+    partial = loftq_attach(tiny_model(0), LoftqConfig(r=4, targets=["q_proj"], loftq_bits=2, loftq_mixed_4bit_layers=1,
+                                                      echo=None))
+    kinds = {k: m.quant_type for k, m in partial.model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(kinds) == 14 and kinds["model.layers.0.mlp.up_proj"] == "nf4" and kinds["model.layers.1.mlp.up_proj"] == "nf2"
+    assert isinstance(partial.model.lm_head, nn.Linear)
     model = tiny_model(0)
     attention = model.model.layers[0].self_attn
     attention.q_proj = QuantLinear.from_linear(attention.q_proj)

@@ -16,7 +16,7 @@ from loraforge.adapters import attach, load_adapter
 from loraforge.adapters.method_hooks import training_hooks
 from loraforge.adapters.sora import SoraConfig, soft_threshold
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_gates_become_sparse_only_under_positive_lambda():
 
 
 def test_pruned_adapter_gives_gated_logits_in_loraforge_and_peft(tmp_path):
-    am, hooks, _ = _train(1.0)
+    am, _, _ = _train(1.0)
     dropped = am.targets["default"][0]  # one module loses every gate: excluded on save
     with torch.no_grad():
         am.model.get_submodule(dropped).lora_gate["default"].zero_()
@@ -88,6 +88,9 @@ def test_pruned_adapter_gives_gated_logits_in_loraforge_and_peft(tmp_path):
     assert ranks[dropped] == 0 and any(0 < r < 4 for r in ranks.values())
     ids = batch(99)
     gated = am(input_ids=ids).logits
+    am.merge()  # the gated update folds into the base weight
+    torch.testing.assert_close(am(input_ids=ids).logits, gated, **TOL)
+    am.unmerge()
     am.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -100,3 +103,10 @@ def test_pruned_adapter_gives_gated_logits_in_loraforge_and_peft(tmp_path):
         if r:
             assert ours.model.get_submodule(key).r["default"] == r
             assert theirs.base_model.model.get_submodule(key).r["default"] == r
+
+
+def test_plain_methods_have_no_hooks():
+    from loraforge.adapters import LoraConfig
+
+    hooks = training_hooks(attach(tiny_model(0), LoraConfig(r=2)), "default", 5)
+    assert hooks.extra_loss() is None and hooks.after_optimizer_step(1, 1e-3) == {} and hooks.finish() == []

@@ -388,8 +388,8 @@ class AdaloraHooks(TrainingHooks):
 
     def finish(self) -> list[str]:
         ranks = self.allocator.ranks()
-        lines = [f"AdaLoRA ranks kept: {sum(ranks.values())} of {self.allocator.init_budget} "
-                 f"(target {self.allocator.target_budget})"]
+        lines = [(f"AdaLoRA ranks kept: {sum(ranks.values())} of {self.allocator.init_budget} "
+                  f"(target {self.allocator.target_budget})")]
         lines += [f"  {key}: {r}" for key, r in ranks.items()]
         return lines
 

@@ -19,6 +19,7 @@ An adapter method (LoRA, VeRA, AdaLoRA, ...) adds a trainable update to frozen l
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -229,6 +230,12 @@ class AdapterConfig:
                             where=f"{where}: targets")
         if isinstance(self.exclude, (tuple, set)):
             self.exclude = list(self.exclude)
+        for key, value in (("targets", self.targets), ("exclude", self.exclude)):
+            if isinstance(value, str) and value.lower() != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise UserError(f"invalid regex {value!r}: {err}", where=f"{where}: {key}") from None
         if self.layers_to_transform is not None:
             if isinstance(self.targets, str) and self.targets.lower() != "all-linear":
                 raise UserError("layers_to_transform cannot be combined with a regex in targets "

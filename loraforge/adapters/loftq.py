@@ -19,9 +19,13 @@ Quantizers: ``nf`` (k-bit NormalFloat: nf4 is bitsandbytes' NF4, nf2 / nf3 built
 or ``uniform`` (INT-k, levels linspace(-1, 1, 2^k)). Mixed precision as in the paper: the first
 ``mixed_4bit_layers`` decoder layers at 4 bits, the rest at ``bits``.
 
-Layers are processed one at a time as the adapter is attached: each full-precision linear is
-replaced by its quantized version before the next is read, and only one layer's fp32
-temporaries exist at a time, so no second full-precision copy of the model is ever held.
+:func:`loftq_attach` does the whole set-up on a full-precision model: linear layers the adapter
+does not target (but the output head) are quantized plainly, then attaching the adapter runs
+LoftQ on each target. Layers are processed one at a time: each full-precision linear is replaced
+by its quantized version and its weight released before the next is read, and only one layer's
+fp32 temporaries exist at a time, so no second full-precision copy of the model is ever held.
+``attach(model, LoftqConfig(...))`` alone (or a plain ``LoraConfig(init="loftq")``, which uses
+LoftQ's defaults: NF4, one iteration) quantizes the targeted layers only.
 For every layer the relative errors ||W - Q_0||_F / ||W||_F (plain quantization) and
 ||W - Q_T - s B_T A_T||_F / ||W||_F (LoftQ) are printed, and the totals at the end
 (:class:`LoftqReport`).
@@ -236,6 +240,7 @@ def _init_loftq(layer: LoraLayer, name: str, config: LoraConfig) -> None:
     layer.lora_A[name].weight.copy_(result.lora_a)
     layer.lora_B[name].weight.copy_(result.lora_b)
     layer.base_layer = result.quantized
+    base.weight = None  # release the full-precision weight now, not when attaching ends
     settings.report.add(key or "?", quant_type, result)
 
 
@@ -254,10 +259,23 @@ register(Method(name="loftq", peft_type="LORA", config_cls=LoftqConfig, layer_cl
 
 
 def loftq_attach(model: nn.Module, config: LoftqConfig, name: str = "default"):
-    """Quantize ``model``'s targeted layers with LoftQ and attach the adapter; prints the per-layer
-    errors and the totals. Returns the :class:`~loraforge.adapters.model.AdapterModel`."""
+    """The whole LoftQ set-up of a full-precision ``model``: every linear layer the adapter does
+    not target (but the output head) is quantized plainly with the type of its decoder layer, then
+    the adapter is attached, which LoftQ-quantizes the targets; prints the per-layer errors and
+    the totals. Returns the :class:`~loraforge.adapters.model.AdapterModel`."""
+    from loraforge.adapters.inject import find_targets
     from loraforge.adapters.model import attach
+    from loraforge.quant.linear import QuantLinear
 
+    targets = set(find_targets(model, config))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rest = [key for key, m in model.named_modules() if type(m) is nn.Linear and m is not head and key not in targets]
+    for key in rest:
+        linear = model.get_submodule(key)
+        _set_submodule(model, key, QuantLinear.from_linear(
+            linear, quant_type=config.quant_type_for(key), blocksize=config.blocksize,
+            double_quant=config.double_quant, compute_dtype=config.compute_dtype))
+        linear.weight = None
     adapter_model = attach(model, config, name)
     if config.echo is not None:
         config.echo(config.report.summary())
@@ -401,9 +419,9 @@ def load_kbit_checkpoint(folder: str | Path):
     for state_key in [k for k in tensors if k.endswith(QUANT_STATE_SUFFIX)]:
         key = state_key[: -len(QUANT_STATE_SUFFIX)]
         state = json.loads(bytes(tensors.pop(state_key).tolist()).decode())
-        get = lambda suffix: tensors.pop(f"{key}.weight{suffix}", None)  # noqa: E731
-        qweight, absmax, quant_map = get(""), get(".absmax"), get(".quant_map")
-        nested_absmax, offset, nested_map = get(".nested_absmax"), get(".offset"), get(".nested_quant_map")
+        qweight, absmax, quant_map, nested_absmax, offset, nested_map = (
+            tensors.pop(f"{key}.weight{suffix}", None)
+            for suffix in ("", ".absmax", ".quant_map", ".nested_absmax", ".offset", ".nested_quant_map"))
         nested = NestedAbsmax(absmax, nested_absmax, offset, nested_map) if state["double_quant"] else None
         out_features, in_features = state["shape"]
         layer = QuantLinear.from_quantized(

@@ -24,13 +24,18 @@ _EXPORTS = {
     "generate_ids": "loraforge.infer.generate",
     "chat_loop": "loraforge.infer.chat",
     "merge_adapter": "loraforge.infer.merge",
-    "save_merged": "loraforge.infer.merge",
+    "save_safetensors": "loraforge.infer.merge",
+    "save_nf4": "loraforge.infer.merge",
     "write_gguf": "loraforge.infer.export_gguf",
     "perplexity_text": "loraforge.infer.evaluate",
     "perplexity_responses": "loraforge.infer.evaluate",
     "accuracy": "loraforge.infer.evaluate",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "GenerationSettings", "InferenceSession", "accuracy", "chat_loop", "generate", "generate_ids",
+    "load_for_inference", "merge_adapter", "perplexity_responses", "perplexity_text", "save_nf4",
+    "save_safetensors", "write_gguf",
+]
 
 
 def __getattr__(name: str):

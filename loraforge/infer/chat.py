@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from loraforge.infer.generate import GenerationSettings, StreamWriter, generate_ids
+from loraforge.infer.generate import GenerationSettings, generate_ids, stream_writer
 from loraforge.infer.prompts import encode_messages, pad_token_id, stop_token_ids
 
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
@@ -47,7 +47,7 @@ def chat_loop(model, tokenizer, template: str, settings: GenerationSettings, lin
         elif text.strip():
             history.append({"role": "user", "content": text})
             ids = _fit(history, tokenizer, template, limit, settings.max_new_tokens, len(base))
-            streamer = StreamWriter(tokenizer, write)
+            streamer = stream_writer(tokenizer, write)
             reply_ids = generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=streamer)[0]
             reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
             write("\n")

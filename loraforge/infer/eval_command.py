@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _perplexity(args, session):
-    from loraforge.infer.evaluate import perplexity_responses, perplexity_text, text_token_ids
+    from loraforge.infer.evaluate import (
+        perplexity_responses,
+        perplexity_text,
+        text_token_ids,
+    )
     from loraforge.infer.prompts import pad_token_id
 
     context = getattr(session.model.config, "max_position_embeddings", None) or 1024
@@ -81,7 +85,12 @@ def _ppl(result) -> str:
 def _accuracy(args, session):
     from loraforge.infer.evaluate import accuracy, read_qa_rows
     from loraforge.infer.generate import GenerationSettings, generate
-    from loraforge.infer.prompts import encode_text, pad_token_id, resolve_template, stop_token_ids
+    from loraforge.infer.prompts import (
+        encode_text,
+        pad_token_id,
+        resolve_template,
+        stop_token_ids,
+    )
 
     rows = read_qa_rows(args.data)
     tokenizer = session.tokenizer

@@ -125,21 +125,19 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], settings: Gener
     return results
 
 
-class StreamWriter:
-    """A transformers streamer that writes the decoded reply as tokens arrive (batch size 1).
+def stream_writer(tokenizer, write: Callable[[str], None]):
+    """A transformers streamer that passes the decoded reply to ``write`` as tokens arrive
+    (batch size 1). The prompt (the first ``put``) is skipped; text is released up to the last
+    complete word or character, as ``TextStreamer`` does, so multi-byte characters never print
+    half."""
+    from transformers import TextStreamer
 
-    The prompt (the first ``put``) is skipped; text is emitted up to the last complete word or
-    character, as ``TextStreamer`` does, so multi-byte characters never print half."""
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                write(text)
 
-    def __new__(cls, tokenizer, write: Callable[[str], None]):
-        from transformers import TextStreamer
-
-        class _Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    write(text)
-
-        return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 # ----- JSONL prompt files ------------------------------------------------------------------------

@@ -36,8 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loraforge.infer.generate import StreamWriter, encode_row, generate, generate_ids, read_prompt_rows, write_jsonl
-    from loraforge.infer.prompts import encode_text, pad_token_id, resolve_template, stop_token_ids
+    from loraforge.infer.generate import (
+        encode_row,
+        generate,
+        generate_ids,
+        read_prompt_rows,
+        stream_writer,
+        write_jsonl,
+    )
+    from loraforge.infer.prompts import (
+        encode_text,
+        pad_token_id,
+        resolve_template,
+        stop_token_ids,
+    )
 
     if args.out and not args.prompts:
         raise UserError("--out goes with --prompts (a single --prompt prints its reply)", where="--out")
@@ -56,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             torch.manual_seed(settings.seed)
         ids = encode_text(args.prompt, tokenizer, template)
         write = _stdout_writer()
-        generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=StreamWriter(tokenizer, write))
+        generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=stream_writer(tokenizer, write))
         write("\n")
         return 0
 
@@ -86,7 +98,14 @@ class _progress:
     """A rich progress bar over prompts, advanced by ``generate``'s per-batch callback."""
 
     def __init__(self, total: int, disable: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                             TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn(),

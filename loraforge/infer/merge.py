@@ -31,8 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraforge.errors import UserError
-
 PROBE_TEXT = ("The capital of France is Paris. Water boils at 100 degrees Celsius at sea level. "
               "def add(a, b): return a + b")
 

@@ -25,13 +25,6 @@ class InferenceSession:
     adapter: Any = None  # the AdapterModel, or None
     trained_template: str | None = None  # data.template of the adapter's training run, if known
 
-    @property
-    def device(self):
-        import torch
-
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
 
 def load_for_inference(source: str | Path, adapter: str | Path | None = None, *, quantize: str | None = None,
                        compute_dtype=None, device: str | None = None) -> InferenceSession:

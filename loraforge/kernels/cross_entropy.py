@@ -47,8 +47,8 @@ def _ce_rows_kernel(z_ptr, stride, labels_ptr, loss_ptr, V, scale, BLOCK: tl.con
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride
     label = tl.load(labels_ptr + row)
-    m = float("-inf")
-    s = 0.0
+    m = tl.full([], float("-inf"), tl.float32)   # running max and sum of exp(z - max)
+    s = tl.full([], 0.0, tl.float32)
     for v0 in range(0, V, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)

@@ -167,7 +167,8 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype = torch.float32, ou
         nested = nested_code = offset = w.absmax
     grid = lambda meta: (triton.cdiv(nbytes, meta["BLOCK"]),)  # noqa: E731
     _dequant_kernel[grid](w.packed.reshape(-1), w.absmax, w.code.float(), nested, nested_code, offset, out,
-                          n, nbytes, BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize, DOUBLE=w.double_quant)
+                          n, nbytes, BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize, DOUBLE=w.double_quant,
+                          enable_fp_fusion=False)  # map8 * nested + offset unfused: the same bits as PyTorch
     return out
 
 

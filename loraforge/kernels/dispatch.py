@@ -3,8 +3,8 @@
 Every kernel in this package has a PyTorch reference beside it. :func:`use_triton` decides per
 call which one runs:
 
-- ``LORAFORGE_KERNELS=reference`` forces the reference everywhere (``=triton`` forces the kernel
-  where it can run at all).
+- ``LORAFORGE_KERNELS=reference`` forces the reference everywhere (``auto``, the default, is
+  the rule below).
 - CUDA tensors run the Triton kernel when ``triton`` imports.
 - CPU tensors run the reference, except when ``TRITON_INTERPRET=1`` is set: then the Triton
   kernel runs in Triton's interpreter (slow, for CI; the environment variable is read when a
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-MODES = ("auto", "reference", "triton")
+MODES = ("auto", "reference")
 
 
 @functools.cache

@@ -110,7 +110,8 @@ def gemv_4bit_triton(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None =
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     _gemv_kernel[grid](x2, w.packed.reshape(-1), w.absmax, w.code.float(), nested, nested_code, offset, acc,
                        M, N, K, x2.stride(0), BLOCKSIZE=w.blocksize, NESTED=w.nested_blocksize,
-                       DOUBLE=w.double_quant, DOT_F32=interpreting() or x2.dtype == torch.float32)
+                       DOUBLE=w.double_quant, DOT_F32=interpreting() or x2.dtype == torch.float32,
+                       enable_fp_fusion=False)
     if bias is not None:
         acc += bias.float()
     return acc.to(x.dtype).reshape(*x.shape[:-1], N)

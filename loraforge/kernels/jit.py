@@ -24,6 +24,7 @@ from typing import Any
 from loraforge.kernels.dispatch import interpreting
 
 _TWINS: dict[int, Any] = {}
+_COMPILE_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")  # launch options the interpreter refuses
 
 
 @contextlib.contextmanager
@@ -59,7 +60,7 @@ class Kernel:
         jitted = triton.jit(self.fn)
         if self.configs and not interp:
             configs = [
-                triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                triton.Config({k: v for k, v in c.items() if k not in _COMPILE_OPTIONS},
                               num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 2))
                 for c in self.configs
             ]
@@ -73,10 +74,10 @@ class Kernel:
         launch = self._built[interp][grid]
         if not interp:
             return launch
-        first = {k: v for k, v in self.configs[0].items() if k not in ("num_warps", "num_stages")} if self.configs else {}
+        first = {k: v for k, v in self.configs[0].items() if k not in _COMPILE_OPTIONS} if self.configs else {}
 
         def run(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            kwargs = {k: v for k, v in kwargs.items() if k not in _COMPILE_OPTIONS}
             with _interpretable_triton_library():
                 return launch(*args, **first, **kwargs)
 
