@@ -5,7 +5,7 @@ loraforge's cache), NF4 with double quantization and block 64, lm_head and embed
 unquantized, the same chat-templated prompts, greedy decoding of exactly ``--new-tokens`` tokens
 (no early stop) through transformers' ``generate`` with a KV cache. Only the 4-bit linear layer
 differs: loraforge's ``QuantLinear`` vs bitsandbytes' ``Linear4bit``. A dense row (the same model
-unquantized) gives the scale. One warm-up generation per arm, then the median of ``--repeats``.
+unquantized) gives the scale. One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
 
     .venv/bin/python benchmarks/generate.py                 # CPU (float32 compute)
     .venv/bin/python benchmarks/generate.py --device cuda   # GPU (bfloat16 compute)
@@ -61,34 +61,36 @@ def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
     return models, tokenizer
 
 
-def time_generation(model, prompts, batch: int, new_tokens: int, repeats: int, device: str) -> tuple[float, list]:
+def run_once(model, prompts, batch: int, new_tokens: int, device: str) -> tuple[float, list]:
+    """(seconds, generated ids) for all prompts in batches of ``batch``."""
     from loraforge.infer.generate import GenerationSettings, generate_ids
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    start = time.perf_counter()
+    outs = []
+    for i in range(0, len(prompts), batch):
+        outs += generate_ids(model, prompts[i:i + batch], settings, stop_ids=[], pad_id=0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, outs
 
-    def once():
-        outs = []
-        for b in batches:
-            outs += generate_ids(model, b, settings, stop_ids=[], pad_id=0)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return outs
 
-    outs = once()  # warm-up
-    times = []
+def time_arms(models: dict, prompts, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
+    """Median tokens/s per arm; the arms take turns within each repeat, so that a busy machine
+    slows them alike. One warm-up run per arm first."""
+    outs = {arm: run_once(model, prompts, batch, new_tokens, device)[1] for arm, model in models.items()}
+    times: dict[str, list[float]] = {arm: [] for arm in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - start)
-    return len(prompts) * new_tokens / statistics.median(times), outs
+        for arm, model in models.items():
+            times[arm].append(run_once(model, prompts, batch, new_tokens, device)[0])
+    return {arm: (len(prompts) * new_tokens / statistics.median(t), outs[arm]) for arm, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"])
     args = parser.parse_args()
@@ -105,11 +107,9 @@ def main() -> None:
     print("| arm | batch | tokens/s | same tokens as loraforge nf4 |")
     print("|---|---|---|---|")
     for batch in args.batch:
-        reference = None
-        for arm, model in models.items():
-            tps, outs = time_generation(model, prompts, batch, args.new_tokens, args.repeats, args.device)
-            if reference is None:
-                reference = outs
+        results = time_arms(models, prompts, batch, args.new_tokens, args.repeats, args.device)
+        reference = next(iter(results.values()))[1]
+        for arm, (tps, outs) in results.items():
             same = sum(a == b for a, b in zip(outs, reference))
             print(f"| {arm} | {batch} | {tps:,.1f} | {same}/{len(outs)} |", flush=True)
 

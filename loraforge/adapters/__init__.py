@@ -5,10 +5,11 @@
     ...train...; am.save_pretrained("out"); am = load_adapter(model2, "out")
 
 Methods register themselves in :data:`loraforge.adapters.base.REGISTRY` when their file is
-imported; this package imports the built-in ones.
+imported; this package imports the built-in ones (lora and dora, vera, adalora, sora, loftq).
 """
 
-from loraforge.adapters import lora, vera  # noqa: F401  (registers the methods)
+from loraforge.adapters import lora, vera  # noqa: F401  (registers the methods; lora first)
+from loraforge.adapters import adalora, loftq, sora  # noqa: F401,I001
 from loraforge.adapters.base import REGISTRY, AdapterConfig, AdapterLayer, Method, register
 from loraforge.adapters.lora import DoraConfig, LoraConfig
 from loraforge.adapters.model import AdapterModel, attach, load_adapter

@@ -114,7 +114,7 @@ def apply_kernels(model: nn.Module, *, norms: bool = True, attention: bool = Tru
         for module in lm.modules():
             if norms and type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
                 _set(patch, "rmsnorm", module, _rmsnorm_forward)
-        for index, layer in enumerate(lm.model.layers):
+        for layer in lm.model.layers:
             if attention:
                 specs, why = attention_specs(layer.self_attn)
                 if specs is None:
