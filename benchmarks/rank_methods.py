@@ -28,7 +28,8 @@ from loftq_quality import alpaca_examples, eval_loss, finetune, pad_id_of, print
 
 
 def adapter_parameters(adapter_model, ranks: dict[str, int]) -> int:
-    """Parameters of a LoRA-shaped adapter with these per-module ranks: r (in + out) (+ r for E / g)."""
+    """Parameters of a LoRA-shaped adapter with these per-module ranks: sum of r (in + out) (what
+    the saved adapter holds; AdaLoRA's E, r more per module, is not counted, SoRA's g is folded)."""
     total = 0
     for key, r in ranks.items():
         layer = adapter_model.model.get_submodule(key)

@@ -81,6 +81,14 @@ def adapter_config(method: str):
         return LoraConfig(r=4, alpha=8, init="none", use_dora=True)
     if method == "vera":
         return VeraConfig(r=16, d_initial=0.5)
+    if method == "adalora":
+        from loraforge.adapters.adalora import AdaloraConfig
+
+        return AdaloraConfig(init_r=4, target_r=2, alpha=8, total_step=10)
+    if method == "sora":
+        from loraforge.adapters.sora import SoraConfig
+
+        return SoraConfig(r=4, alpha=8)
     raise ValueError(method)
 
 

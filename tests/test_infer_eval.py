@@ -24,11 +24,11 @@ def _token_nll(model, ids, begin, t):
     return -F.log_softmax(logits, -1)[ids[t]].item()
 
 
-@pytest.mark.parametrize("window,stride", [(16, 8), (16, 16), (12, 5)])
+@pytest.mark.parametrize("window,stride", [(10, 4), (8, 8)])
 def test_strided_perplexity_equals_per_token_reference(window, stride):
     tok = bpe_tokenizer()
     model = tiny_model(tok)
-    ids = tok.encode(TEXT)[:40]
+    ids = tok.encode(TEXT)[:24]
     n = len(ids)
     got = perplexity_text(model, ids, window, stride)
     # reference: token t is scored by the first window [kS, kS + W) that ends after it, with the

@@ -127,6 +127,10 @@ def test_missing_chat_template_is_a_user_error(tmp_path, capsys):
     assert "no chat template" in err and "--raw" in err and "--template" in err
     assert main(args + ["--raw"]) == 0
     assert main(args + ["--template", "chatml"]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "base")]) == 2  # chat has no --raw: the message does not offer it
+    err = capsys.readouterr().err
+    assert "no chat template" in err and "--template" in err and "--raw" not in err
 
 
 def test_bad_prompts_file_names_the_line(tmp_path, capsys):

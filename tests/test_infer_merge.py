@@ -11,7 +11,7 @@ from helpers_infer import bpe_tokenizer, logits, make_adapter, save_base, tiny_m
 
 from loraforge.cli import main
 
-METHODS = ("lora", "dora", "vera")
+CASES = [(m, q) for m in ("lora", "dora", "vera") for q in (False, True)] + [("adalora", False), ("sora", False)]
 
 
 def _ids(tok):
@@ -42,8 +42,7 @@ def _unmerged(folder, method, adapter_dir, **adapter_kwargs):
     return am
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "nf4"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,quantized", CASES, ids=[f"{m}-{'nf4' if q else 'plain'}" for m, q in CASES])
 def test_merged_safetensors_match_unmerged(tmp_path, method, quantized):
     from transformers import AutoModelForCausalLM
 

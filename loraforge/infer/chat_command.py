@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     session = load_session(args)
-    template = resolve_template(session.tokenizer, args.template, session.trained_template)
+    template = resolve_template(session.tokenizer, args.template, session.trained_template, raw_option=False)
     interactive = sys.stdin.isatty()
     if interactive:
         stderr_console().print(f"[dim]chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} "

@@ -21,13 +21,15 @@ from loraforge.errors import UserError
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
 
-def resolve_template(tokenizer, template: str | None, trained: str | None = None) -> str:
-    """The template name to render chat prompts with (see module docstring)."""
+def resolve_template(tokenizer, template: str | None, trained: str | None = None, *, raw_option: bool = True) -> str:
+    """The template name to render chat prompts with (see module docstring); ``raw_option``: the
+    command has ``--raw`` (the error message offers it)."""
     name = template or trained or "tokenizer"
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+        raw = "pass --raw to send prompts as plain text, or " if raw_option else ""
         raise UserError(
-            "the tokenizer has no chat template; pass --raw to send prompts as plain text, or name a "
-            "template with --template (chatml, alpaca, llama3, plain)",
+            f"the tokenizer has no chat template; {raw}name a template with --template "
+            "(chatml, alpaca, llama3, plain)",
             where="tokenizer",
         )
     return name

@@ -4,7 +4,8 @@ tokenizer, the adapter config for the chosen method, and the tokenized data sets
 The adapter methods are known only through :mod:`loraforge.adapters`' registry (method name ->
 (config class, layer class)); the config's shared keys and the method's own sub-section are passed
 to the method's config class by name, and a key the user changed that the method does not take is
-an error (e.g. ``rslora: true`` with ``method: vera``).
+an error (e.g. ``rslora: true`` with ``method: vera``). ``init: loftq`` swaps in LoftQ's config (a
+LoRA config that also quantizes the base) and loads the base in full precision for it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 from loraforge.errors import UserError
-from loraforge.train.config import AdapterSection, Config, resolved_alpha, resolved_rank
+from loraforge.train.config import (
+    AdapterSection,
+    Config,
+    QuantizationConfig,
+    loftq_quantization,
+    resolved_alpha,
+    resolved_rank,
+)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -30,32 +39,46 @@ def registered_methods() -> list[str]:
     return sorted(_registry())
 
 
-def adapter_config(section: AdapterSection) -> Any:
+def adapter_config(section: AdapterSection, quantization: QuantizationConfig | None = None,
+                   echo: Callable[[str], None] | None = None) -> Any:
     """The registered method's config object (LoraConfig, DoraConfig, VeraConfig, ...).
 
     Shared keys pass by name; the method's own sub-section (``adapter.vera``, ``adapter.adalora``,
     ``adapter.sora``; ``adapter.loftq`` with ``init: loftq``) passes as ``key``, ``<section>_key`` or
     ``key_``, whichever the config class has. A key the user changed from its default that the
     method's config does not take is an error, never dropped silently.
+
+    ``init: loftq`` gives LoftQ's config (``adapter.loftq.*`` -> its ``loftq_*`` fields; bits and
+    quantizer from ``quantization.type`` unless given; block size and double quantization from the
+    quantization section; ``echo`` prints the per-layer errors).
     """
-    method = _registry()[section.method]
+    loftq = section.init == "loftq"
+    method = _registry()["loftq" if loftq else section.method]
     accepted = {f.name for f in dataclasses.fields(method.config_cls)}
     defaults = AdapterSection()
     kwargs: dict[str, Any] = {}
 
+    def refuse(key: str) -> UserError:
+        hint = NOT_APPLICABLE.get((section.method, key), "")
+        return UserError(f"does not apply to adapter method {section.method!r}{hint}", where=f"adapter.{key}")
+
     def offer(key: str, value: Any, default: Any, candidates: list[str]) -> None:
+        if (section.method, key) in NOT_APPLICABLE:
+            if value != default:
+                raise refuse(key)
+            return
         for name in candidates:
             if name in accepted:
                 kwargs[name] = value
                 return
         if value != default:
-            raise UserError(f"does not apply to adapter method {section.method!r}", where=f"adapter.{key}")
+            raise refuse(key)
 
     for key, value, given in (("r", resolved_rank(section), section.r), ("alpha", resolved_alpha(section), section.alpha)):
         if key in accepted:
             kwargs[key] = value
         elif given is not None:
-            raise UserError(f"does not apply to adapter method {section.method!r}", where=f"adapter.{key}")
+            raise refuse(key)
     for f in dataclasses.fields(section):
         if f.name in ("method", "r", "alpha", *SUBSECTIONS):
             continue
@@ -72,25 +95,47 @@ def adapter_config(section: AdapterSection) -> Any:
                 raise UserError(f"is set but adapter.method is {section.method!r}"
                                 f"{' and adapter.init is not loftq' if sub_name == 'loftq' else ''}",
                                 where=f"adapter.{sub_name}.{key}")
+    if loftq:
+        if quantization is None:
+            raise UserError("init: loftq initialises against a quantized base; set quantization.type",
+                            where="adapter.init")
+        quantizer, bits = loftq_quantization(section, quantization)
+        kwargs.update(loftq_quantizer=quantizer, loftq_bits=bits, blocksize=quantization.blocksize,
+                      double_quant=quantization.double_quant, echo=echo)
     return method.config_cls(**kwargs)
 
 
 SUBSECTIONS = ("loftq", "adalora", "sora", "vera")
+# shared keys a method's config has a field for but that mean something else there
+NOT_APPLICABLE = {
+    ("adalora", "r"): " (its ranks are adapter.adalora.init_r at the start and target_r on average at the end)",
+    ("adalora", "rank_pattern"): " (AdaLoRA allocates each module's rank itself, from adapter.adalora.init_r "
+                                 "down to target_r on average)",
+}
 
 
-def attach_adapter(model, section: AdapterSection):
+def attach_adapter(model, config: Config, echo: Callable[[str], None] | None = None):
+    """Attach the configured adapter (name ``default``). With ``init: loftq`` the model must be
+    full precision: LoftQ quantizes its targets while initialising the adapter, and the other
+    linear layers but the output head plainly (``loftq_attach``), echoing the errors."""
     from loraforge import adapters
 
-    return adapters.attach(model, adapter_config(section))
+    adapter_cfg = adapter_config(config.adapter, config.quantization, echo)
+    if config.adapter.init == "loftq":
+        from loraforge.adapters.loftq import loftq_attach
+
+        return loftq_attach(model, adapter_cfg)
+    return adapters.attach(model, adapter_cfg)
 
 
 # --------------------------------------------------------------------------- model
 def load_base(config: Config, device: str | None):
-    """(model, tokenizer): the base model, quantized per ``config.quantization``."""
+    """(model, tokenizer): the base model, quantized per ``config.quantization`` (full precision
+    with ``init: loftq``, which quantizes it when the adapter is attached)."""
     from loraforge import models
 
     q = config.quantization
-    if q is None:
+    if q is None or config.adapter.init == "loftq":
         return models.load_model(config.model, device=device)
     return models.load_model(
         config.model, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant,

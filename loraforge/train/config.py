@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,6 @@ from loraforge.errors import UserError, check_choice, did_you_mean
 
 METHODS = ("lora", "dora", "vera", "adalora", "sora")
 INITS = ("default", "gaussian", "pissa", "loftq")
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "input_output", "text")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -50,9 +50,9 @@ class QuantizationConfig:
 
 @dataclass
 class LoftqConfig:
-    bits: int = 4
+    bits: Union[int, None] = None  # None: from quantization.type (nf2 -> 2)
     iterations: int = 1
-    quantizer: str = "nf"
+    quantizer: Union[str, None] = None  # None: from quantization.type (nf -> nf, int -> uniform)
     mixed_4bit_layers: int = 0
 
 
@@ -85,7 +85,7 @@ class VeraSection:
 class AdapterSection:
     method: str = "lora"
     r: Union[int, None] = None  # None: 16 for the LoRA family, 256 for VeRA
-    alpha: Union[float, None] = None  # None: equal to r (scale 1)
+    alpha: Union[float, None] = None  # None: equal to r (scale 1); AdaLoRA: 8, PEFT's default
     dropout: float = 0.0
     targets: Union[str, list[str]] = "all-linear"
     exclude: Union[str, list[str], None] = None
@@ -420,6 +420,9 @@ def _check_config(c: Config, where: _Where) -> None:
              "quantization.blocksize", f"expected a power of two in 32..4096, got {q.blocksize}")
 
     a = c.adapter
+    need(a.method != "loftq", "adapter.method",
+         "loftq is an initialisation of a LoRA adapter, not a method: use adapter.init: loftq "
+         "(with adapter.method: lora)")
     choice(a.method, METHODS, "adapter.method", "adapter method")
     choice(a.init, INITS, "adapter.init", "adapter init")
     need(a.r is None or a.r > 0, "adapter.r", f"expected a rank r > 0, got {a.r}")
@@ -427,8 +430,12 @@ def _check_config(c: Config, where: _Where) -> None:
     need(0.0 <= a.dropout < 1.0, "adapter.dropout", f"expected 0 <= dropout < 1, got {a.dropout}")
     for name, r in a.rank_pattern.items():
         need(r > 0, "adapter.rank_pattern", f"expected ranks > 0, got {name}: {r}")
-    need(a.loftq.bits in (2, 3, 4, 8), "adapter.loftq.bits", f"expected 2, 3, 4 or 8, got {a.loftq.bits}")
+    need(a.loftq.bits in (None, 2, 3, 4, 8), "adapter.loftq.bits", f"expected 2, 3, 4 or 8, got {a.loftq.bits}")
     need(a.loftq.iterations >= 1, "adapter.loftq.iterations", "expected at least 1 iteration")
+    if a.loftq.quantizer is not None:
+        from loraforge.adapters.loftq import QUANTIZERS
+
+        choice(a.loftq.quantizer, QUANTIZERS, "adapter.loftq.quantizer", "LoftQ quantizer")
     need(a.loftq.mixed_4bit_layers >= 0, "adapter.loftq.mixed_4bit_layers", "expected >= 0")
     ad = a.adalora
     need(ad.init_r > 0 and ad.target_r > 0, "adapter.adalora.init_r", "expected ranks > 0")
@@ -440,10 +447,14 @@ def _check_config(c: Config, where: _Where) -> None:
     need(a.sora.lambda_ >= 0, "adapter.sora.lambda", "expected lambda >= 0")
     need(a.vera.d_initial >= 0, "adapter.vera.d_initial", "expected a number >= 0")
     if a.init == "loftq" and c.quantization is None:
-        raise UserError("init: loftq initialises against a quantized base; set quantization.type",
-                        where=where("adapter.init"))
+        raise UserError("init: loftq initialises against a quantized base; set quantization.type "
+                        "(e.g. nf4, nf2 or int4)", where=where("adapter.init"))
+    need(a.init != "loftq" or a.method == "lora", "adapter.init",
+         f"init: loftq initialises a LoRA adapter; it does not apply to adapter method {a.method!r}")
 
     d = c.data
+    from loraforge.data.formats import FORMATS
+
     choice(d.format, FORMATS, "data.format", "data format")
     need(d.max_length > 0, "data.max_length", f"expected max_length > 0, got {d.max_length}")
     need(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction",
@@ -470,10 +481,10 @@ def _check_config(c: Config, where: _Where) -> None:
     from loraforge.train.optimizers import check_optimizer
 
     check_optimizer(t.optimizer, where("train.optimizer"))
-    check_adapter(a, where)
+    check_adapter(a, c.quantization, where)
 
 
-def check_adapter(a: AdapterSection, where: _Where) -> None:
+def check_adapter(a: AdapterSection, quantization: QuantizationConfig | None, where: _Where) -> None:
     """The method must be registered (one the schema knows but whose implementation has not
     landed is an error, never ignored), and its config must accept the keys given."""
     from loraforge.train.build import adapter_config, registered_methods
@@ -486,9 +497,9 @@ def check_adapter(a: AdapterSection, where: _Where) -> None:
             where=where("adapter.method"),
         )
     try:
-        adapter_config(a)
+        adapter_config(a, quantization)
     except UserError as err:
-        key = err.where if err.where and err.where.startswith("adapter.") else "adapter"
+        key = err.where if err.where and err.where.split(".")[0] in ("adapter", "quantization") else "adapter"
         raise UserError(err.message, where=where(key)) from None
 
 
@@ -496,5 +507,30 @@ def resolved_rank(a: AdapterSection) -> int:
     return a.r if a.r is not None else (256 if a.method == "vera" else 16)
 
 
+ADALORA_DEFAULT_ALPHA = 8.0  # PEFT's AdaLoraConfig.lora_alpha (with init_r 12: scale 8 / 12)
+
+
 def resolved_alpha(a: AdapterSection) -> float:
-    return a.alpha if a.alpha is not None else float(resolved_rank(a))
+    if a.alpha is not None:
+        return a.alpha
+    return ADALORA_DEFAULT_ALPHA if a.method == "adalora" else float(resolved_rank(a))
+
+
+def loftq_quantization(a: AdapterSection, quantization: QuantizationConfig | None) -> tuple[str, int]:
+    """(quantizer, bits) of ``init: loftq``: ``adapter.loftq.quantizer`` / ``bits`` where given,
+    else read from ``quantization.type`` (nf<k> -> ("nf", k), int<k> -> ("uniform", k)). LoftQ
+    quantizes the base itself, so the two must name the same code book (the type of the layers
+    outside ``loftq.mixed_4bit_layers``)."""
+    qtype = quantization.type if quantization is not None else None
+    match = re.fullmatch(r"(nf|int)(\d+)", qtype or "")
+    if match is None:
+        raise UserError(f"init: loftq quantizes with a NormalFloat (nf2, nf3, nf4) or uniform integer "
+                        f"(int2, int4, ...) code book, got quantization.type {qtype!r}", where="quantization.type")
+    quantizer = a.loftq.quantizer or ("nf" if match.group(1) == "nf" else "uniform")
+    bits = a.loftq.bits or int(match.group(2))
+    expected = f"{'nf' if quantizer == 'nf' else 'int'}{bits}"
+    if quantizer in ("nf", "uniform") and expected != qtype:
+        raise UserError(f"adapter.loftq (quantizer {quantizer}, {bits} bits) quantizes to {expected}, but "
+                        f"quantization.type is {qtype}; make them agree (or leave adapter.loftq.bits and "
+                        "quantizer out: they follow quantization.type)", where="quantization.type")
+    return quantizer, bits

@@ -112,15 +112,19 @@ class RunLog:
 
     # ------------------------------------------------------------------ records
     def step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, trained_tokens: int,
-             seconds: float, peak_memory: int) -> None:
+             seconds: float, peak_memory: int, **method: float) -> None:
+        """One optimizer step; ``method`` holds the adapter method's own numbers (AdaLoRA's
+        budget and rank, SoRA's lambda, l1 and gates_zero, a regulariser's reg_loss)."""
         self.tokens += tokens
         tps = tokens / seconds if seconds > 0 else 0.0
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "trained_tokens": trained_tokens, "tokens_per_s": round(tps, 1),
-               "elapsed_s": round(time.perf_counter() - self._t0, 3), "peak_memory_bytes": peak_memory}
+               "elapsed_s": round(time.perf_counter() - self._t0, 3), "peak_memory_bytes": peak_memory, **method}
         self._write(row)
         stats = (f"loss {loss:.4f}  lr {lr:.2e}  gnorm {grad_norm:.3f}  {tps:,.0f} tok/s  "
                  f"mem {human_bytes(peak_memory)}")
+        if method:
+            stats += "  " + "  ".join(f"{key} {_short(value)}" for key, value in method.items())
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         else:
@@ -133,6 +137,10 @@ class RunLog:
         self._write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens})
         self.console.print(f"  eval @ step {step}: loss {loss:.4f}  perplexity {ppl:.2f}  ({tokens} tokens)")
 
+    def record(self, row: dict[str, Any]) -> None:
+        """A row of other numbers (e.g. LoftQ's errors at step 0) for the JSONL and TensorBoard."""
+        self._write(row)
+
     def _write(self, row: dict[str, Any]) -> None:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -140,6 +148,12 @@ class RunLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, row["step"])
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.4g}"
+    return str(int(value)) if isinstance(value, float) else str(value)
 
 
 def _tensorboard(folder: Path):

@@ -8,6 +8,21 @@ Each micro-batch backpropagates its summed token loss divided by the step's N (c
 first forward), so ``batch_size=8, grad_accum=1`` and ``batch_size=1, grad_accum=8`` produce the
 same gradient and update. Dividing each micro-batch by its own token count (the HF Trainer's old
 behaviour) over-weights short examples under accumulation.
+
+Methods that act between steps (AdaLoRA, SoRA; see :mod:`loraforge.adapters.method_hooks`) are
+driven here, so no user code has to remember them. Per optimizer step t = 1..T::
+
+    backward of every micro-batch (above)
+    backward of the method's extra loss, once per step (AdaLoRA: orth_reg_weight * R)
+    clip; optimizer step
+    method step with the lr of step t, before zero_grad (AdaLoRA: importance from the gradients,
+    budget, masking; SoRA: the proximal soft-threshold of the gates)
+    scheduler step; zero_grad
+
+The extra loss is a property of the weights, not of the data, so it enters the step once, with
+its weight, whatever the accumulation (as PEFT's once-per-forward term does with
+gradient_accumulation_steps = 1). The method's state (AdaLoRA's importance averages and mask)
+goes into every checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +39,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
+from loraforge.adapters.method_hooks import TrainingHooks, training_hooks
 from loraforge.errors import UserError
 from loraforge.train import build
 from loraforge.train.batches import StepSampler, total_steps
@@ -60,6 +77,7 @@ class TrainResult:
 def train(config: Config, *, on_start: Callable | None = None, console=None) -> TrainResult:
     """Run ``config``; ``on_start(adapter_model, tokenizer)`` is called just before step 1."""
     t = config.train
+    console = console or Console()
     seed_everything(t.seed)
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config)
@@ -74,20 +92,24 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     if eval_records:
         eval_set, _ = build.tokenize(eval_records, tokenizer, config, source=str(config.data.eval or config.data.train))
 
-    adapter_model = build.attach_adapter(model, config.adapter)
+    adapter_model = build.attach_adapter(
+        model, config, echo=lambda line: console.print(line, markup=False, highlight=False))
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(adapter_model)
     params = [p for p in adapter_model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the adapter has no trainable parameters (check adapter.targets)", where="adapter.targets")
-    optimizer = build_optimizer(t.optimizer, params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(t.optimizer, param_groups(adapter_model, t.weight_decay), lr=t.lr,
+                                weight_decay=t.weight_decay)
     n_steps = total_steps(len(train_set), t.batch_size, t.grad_accum, t.steps, t.epochs)
     scheduler = build_scheduler(optimizer, schedule=t.schedule, warmup_steps=t.warmup_steps, total_steps=n_steps)
+    hooks = training_hooks(adapter_model, "default", n_steps)
 
     position = Position(step=0, epoch=0, index=0)
     resume_from = latest_checkpoint(output_dir) if config.resume else None
     if resume_from is not None:
-        position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler)
+        position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler,
+                                   hooks=hooks)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
 
@@ -100,6 +122,10 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     log.banner(banner_rows(config, adapter_model, device, compute_dtype_name(device), train_set, eval_set, n_steps,
                            optimizer))
     log.note(train_stats.summary())
+    if config.adapter.init == "loftq" and resume_from is None:  # LoftQ's errors, as a step-0 row
+        report = adapter_model.configs["default"].report
+        plain, loftq = report.totals()
+        log.record({"step": 0, "quantization_error": plain, "loftq_error": loftq, "loftq_layers": len(report.rows)})
     if resume_from is not None:
         log.note(f"resumed from {resume_from} (step {position.step}, epoch {position.epoch})")
     elif config.resume:
@@ -110,7 +136,9 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     adapter_model.train()
     try:
         run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
-                  pad_id, device, amp, log, n_steps)
+                  pad_id, device, amp, log, n_steps, hooks)
+        for line in hooks.finish():
+            log.note(line)
     finally:
         log.close()
     adapter_model.eval()
@@ -119,10 +147,12 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
 
 
 def run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
-              pad_id, device, amp, log, n_steps) -> None:
+              pad_id, device, amp, log, n_steps, hooks: TrainingHooks) -> None:
     """The optimizer steps from the sampler's position to ``n_steps``, evaluating and saving on
     schedule; a Ctrl-C is honoured at the next step boundary by saving a checkpoint."""
     t, output_dir = config.train, result.output_dir
+    save = dict(adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
+                keep_last=t.keep_last)
     stop = InterruptFlag()
     with log, stop:
         while sampler.position.step < n_steps:
@@ -133,28 +163,44 @@ def run_steps(config, result, adapter_model, train_set, eval_set, sampler, optim
             seen = sum(len(train_set[i]["input_ids"]) for idx in indices for i in idx)
             lr = scheduler.get_last_lr()[0]
             loss, trained = accumulate_gradients(adapter_model, micro_batches, amp)
+            method_logs = {}
+            extra = hooks.extra_loss()  # once per optimizer step, already weighted
+            if extra is not None:
+                extra.backward()
+                method_logs["reg_loss"] = extra.item()
             grad_norm = clip_gradients(params, t.max_grad_norm)
             optimizer.step()
+            method_logs.update(hooks.after_optimizer_step(step, lr))  # reads .grad: before zero_grad
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss)
             result.steps = step
             log.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=seen, trained_tokens=trained,
-                     seconds=time.perf_counter() - start, peak_memory=peak_memory_bytes(device))
+                     seconds=time.perf_counter() - start, peak_memory=peak_memory_bytes(device), **method_logs)
 
             if eval_set and t.eval_every and step % t.eval_every == 0 and step < n_steps:
                 result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, step)
             if t.save_every and step % t.save_every == 0:
-                save_checkpoint(output_dir, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler,
-                                position=sampler.position, keep_last=t.keep_last)
+                save_checkpoint(output_dir, position=sampler.position, **save)
             if stop.requested:
-                path = save_checkpoint(output_dir, adapter_model=adapter_model, optimizer=optimizer,
-                                       scheduler=scheduler, position=sampler.position, keep_last=t.keep_last)
+                path = save_checkpoint(output_dir, position=sampler.position, **save)
                 log.note(f"interrupted: saved {path}; continue with --resume")
                 result.interrupted = True
                 raise KeyboardInterrupt
         if eval_set:
             result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, result.steps)
+
+
+def param_groups(adapter_model, weight_decay: float) -> list:
+    """The trainable parameters for the optimizer: SoRA's gates (``lora_gate``) in a group without
+    weight decay (their regulariser is the L1 proximal step; decay would add an L2 term the paper
+    does not have), everything else with ``weight_decay``."""
+    named = [(n, p) for n, p in adapter_model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in named if ".lora_gate." in n]
+    rest = [p for n, p in named if ".lora_gate." not in n]
+    if not gates or weight_decay == 0:
+        return [p for _, p in named]
+    return [{"params": rest, "weight_decay": weight_decay}, {"params": gates, "weight_decay": 0.0}]
 
 
 # --------------------------------------------------------------------------- one step
