@@ -14,8 +14,8 @@ On a machine without CUDA it says so and, with ``--cpu-smoke``, runs each kernel
 (the PyTorch references) once on tiny shapes to check that the script works; those timings
 mean nothing and are not printed as results.
 
-    python benchmarks/kernels.py                    # on a CUDA machine
-    python benchmarks/kernels.py --only dequant,gemv
+    python benchmarks/kernel_micro.py                    # on a CUDA machine
+    python benchmarks/kernel_micro.py --only dequant,gemv
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="without CUDA: run the reference paths on tiny shapes")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py measures Triton kernels on a CUDA GPU; this machine has none.")
+        print("benchmarks/kernel_micro.py measures Triton kernels on a CUDA GPU; this machine has none.")
         if a.cpu_smoke:
             cpu_smoke()
         return 0
