@@ -146,7 +146,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, gguf_type: str = "
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_type("model")
-        writer.add_name(name or getattr(model.config, "_name_or_path", None) or "loraforge-merged")
+        writer.add_name(name or "loraforge-merged")
         writer.add_context_length(hp["context_length"])
         writer.add_embedding_length(hp["embedding_length"])
         writer.add_block_count(hp["block_count"])

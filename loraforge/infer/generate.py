@@ -53,28 +53,27 @@ class GenerationSettings:
         return self.temperature == 0
 
     def hf_config(self, stop_ids: Sequence[int], pad_id: int):
-        """A ``GenerationConfig`` with every decoding knob set, so that nothing is filled in from
-        the model's own generation config (transformers fills only unset fields): greedy means
-        argmax, and no repetition penalty or n-gram ban sneaks in."""
+        """A ``GenerationConfig`` that pins every knob that changes the result, so that nothing is
+        filled in from the model's own generation config (transformers fills only unset fields):
+        no repetition penalty or n-gram ban sneaks in, and sampling uses exactly our cuts. (In
+        greedy mode the sampling knobs are unused and left unset.)"""
         from transformers import GenerationConfig
 
+        sampling = {} if self.greedy else {
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": 0.0,
+            "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+        }
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             min_new_tokens=0,
             do_sample=not self.greedy,
-            temperature=self.temperature if not self.greedy else 1.0,
-            top_p=self.top_p if not self.greedy else 1.0,
-            top_k=self.top_k if not self.greedy else 0,
-            min_p=0.0,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             num_beams=1,
             eos_token_id=list(stop_ids) or None,
             pad_token_id=pad_id,
             use_cache=True,
+            **sampling,
         )
 
 

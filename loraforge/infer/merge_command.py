@@ -95,14 +95,15 @@ def _write_gguf(args, model, tokenizer, out: Path, target: Path) -> None:
     gguf_type = args.gguf_type or DTYPE_TO_GGUF.get(args.dtype or "", "f16")
     source = resolve_model_path(args.model)
     source_gguf = source if detect_format(source) == "gguf" else None
+    name = f"{source.name.removesuffix('.gguf')} + {Path(args.adapter).resolve().name}"
     if target.parent == out and out.suffix.lower() != ".gguf":
         from loraforge.models.cache import atomic_directory
 
         with atomic_directory(out, overwrite=True) as tmp:
-            write_gguf(model, tokenizer, tmp / target.name, gguf_type, source_gguf=source_gguf)
+            write_gguf(model, tokenizer, tmp / target.name, gguf_type, source_gguf=source_gguf, name=name)
             (tmp / "Modelfile").write_text(f"FROM ./{target.name}\n", encoding="utf-8")
     else:
-        write_gguf(model, tokenizer, target, gguf_type, source_gguf=source_gguf)
+        write_gguf(model, tokenizer, target, gguf_type, source_gguf=source_gguf, name=name)
     Console(file=sys.stderr, highlight=False, soft_wrap=True).print(
         f"wrote {target} (GGUF {gguf_type}; tokenizer metadata "
         f"{'copied from ' + source.name if source_gguf else 'built from the tokenizer'})")

@@ -106,7 +106,8 @@ def adapter_config(section: AdapterSection, quantization: QuantizationConfig | N
 
 
 SUBSECTIONS = ("loftq", "adalora", "sora", "vera")
-# shared keys a method's config has a field for but that mean something else there
+# why a shared key does not apply to a method (AdaLoRA's own rank_pattern holds the allocator's
+# kept-triplet masks, not ranks, so the shared key must not reach it)
 NOT_APPLICABLE = {
     ("adalora", "r"): " (its ranks are adapter.adalora.init_r at the start and target_r on average at the end)",
     ("adalora", "rank_pattern"): " (AdaLoRA allocates each module's rank itself, from adapter.adalora.init_r "

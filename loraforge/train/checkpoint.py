@@ -4,8 +4,10 @@ A checkpoint ``output_dir/checkpoints/step-000050/`` holds
 
     adapter/            the adapter in PEFT's format (AdapterModel.save_pretrained)
     trainer_state.pt    the trainable tensors exactly as trained, optimizer and scheduler state,
-                        RNG states (torch, cuda, python, numpy) and the data position
-                        (step, epoch, index in that epoch's shuffled order)
+                        the adapter method's training state (AdaLoRA's importance averages and
+                        rank mask; empty for most methods), RNG states (torch, cuda, python,
+                        numpy) and the data position (step, epoch, index in that epoch's
+                        shuffled order)
 
 It is written into ``checkpoints/.tmp-step-000050`` and renamed with ``os.replace`` once every
 file is flushed, so a directory named ``step-*`` is always complete: a crash while saving leaves
@@ -13,7 +15,7 @@ the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the 
 save only the newest ``keep_last`` checkpoints remain.
 
 Resuming restores the trainable tensors from ``trainer_state.pt`` (bit for bit, whatever dtype
-the PEFT export uses), then optimizer, scheduler, RNG states and data position.
+the PEFT export uses), then optimizer, scheduler, method state, RNG states and data position.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, position: Position,
-                    keep_last: int) -> Path:
+                    keep_last: int, hooks=None) -> Path:
     """Write the checkpoint of ``position.step`` atomically; prune to ``keep_last``."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,7 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
         "trainable": trainable_state(adapter_model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "hooks": hooks.state_dict() if hooks is not None else {},
         "rng": rng_state(),
         "position": {"step": position.step, "epoch": position.epoch, "index": position.index},
     }
@@ -126,8 +129,9 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
     return final
 
 
-def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler) -> Position:
-    """Restore everything saved in ``path``; returns the data position to continue from."""
+def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=None) -> Position:
+    """Restore everything saved in ``path`` (``hooks``: the method's training hooks); returns the
+    data position to continue from."""
     state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
     params = dict(adapter_model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
@@ -143,5 +147,7 @@ def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler) -> Posit
             params[n].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if hooks is not None and state.get("hooks"):
+        hooks.load_state_dict(state["hooks"])
     set_rng_state(state["rng"])
     return Position(**state["position"])

@@ -7,6 +7,9 @@ Schema (public names, see ``shared/design/interface.md``)::
     quantization: {type: nf4, double_quant: true, blocksize: 64}   # or null
     adapter: {method: lora, r: 16, alpha: 16, dropout: 0.0, targets: all-linear, ...
               loftq: {...}, adalora: {...}, sora: {...}, vera: {...}}
+    # method: adalora | sora is one line (the loop drives their rank allocation / gate step);
+    # init: loftq quantizes the base itself, with bits and code book from quantization.type
+    # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
     data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
             max_grad_norm, weight_decay, seed, gradient_checkpointing, eval_every, save_every,
@@ -478,6 +481,10 @@ def _check_config(c: Config, where: _Where) -> None:
     need(t.eval_every >= 0, "train.eval_every", "expected eval_every >= 0 (0: only at the end)")
     need(t.save_every >= 0, "train.save_every", "expected save_every >= 0 (0: only on interrupt)")
     need(t.keep_last >= 1, "train.keep_last", "expected keep_last >= 1")
+    if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
+        need(ad.tinit + ad.tfinal < t.steps, "adapter.adalora.tinit",
+             f"tinit ({ad.tinit}) + tfinal ({ad.tfinal}) leave none of the {t.steps} steps for AdaLoRA's "
+             "budget to decrease; lower them or train longer")
     from loraforge.train.optimizers import check_optimizer
 
     check_optimizer(t.optimizer, where("train.optimizer"))

@@ -19,9 +19,9 @@ driven here, so no user code has to remember them. Per optimizer step t = 1..T::
     budget, masking; SoRA: the proximal soft-threshold of the gates)
     scheduler step; zero_grad
 
-The extra loss is a property of the weights, not of the data, so it enters the step once, with
-its weight, whatever the accumulation (as PEFT's once-per-forward term does with
-gradient_accumulation_steps = 1). The method's state (AdaLoRA's importance averages and mask)
+The extra loss is a property of the weights, not of the data, so it enters each step once, with
+its weight, whatever the accumulation: the same total as PEFT under the HF Trainer, where every
+micro-batch's loss carries it and the step averages the micro-batches. The method's state (AdaLoRA's importance averages and mask)
 goes into every checkpoint, so a resumed run continues exactly.
 """
 
@@ -60,7 +60,7 @@ from loraforge.train.summary import banner_rows, finish
 IGNORE = -100
 # Files a run writes into output_dir (``overwrite: true`` removes exactly these).
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard")
+             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """What a run reports about itself: the start banner's rows, the closing summary, and the short
-model card (README.md) written next to the adapter."""
+model card (README.md) written next to the adapter; with ``init: loftq`` also the quantized base
+the adapter was trained on (``base/``), without which the adapter is of no use."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.train.config import Config, resolved_alpha, resolved_rank
+from loraforge.train.config import AdapterSection, Config, loftq_quantization, resolved_alpha, resolved_rank
 from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, human_bytes, human_count, peak_memory_bytes, plot_losses
 from loraforge.train.optimizers import optimizer_state_bytes
 
@@ -26,14 +27,34 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def describe_method(a: AdapterSection, config: Config) -> str:
+    """``lora r=16 alpha=16``, ``adalora init_r=12 -> target_r=8 alpha=8``, ... with the init."""
+    if a.method == "adalora":
+        text = f"adalora  init_r={a.adalora.init_r} -> target_r={a.adalora.target_r} alpha={resolved_alpha(a):g}"
+    elif a.method == "vera":
+        text = f"vera  r={resolved_rank(a)}"
+    else:
+        text = f"{a.method}  r={resolved_rank(a)} alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
+    if a.method == "sora":
+        text += f" lambda={a.sora.lambda_:g} ({a.sora.lambda_schedule or 'constant'})"
+    if a.init == "loftq":
+        quantizer, bits = loftq_quantization(a, config.quantization)
+        n = a.loftq.iterations
+        text += f"  init loftq ({quantizer}, {bits} bits, {n} iteration{'s' if n != 1 else ''}"
+        text += f", first {a.loftq.mixed_4bit_layers} layers 4-bit)" if a.loftq.mixed_4bit_layers else ")"
+    elif a.init != "default":
+        text += f"  init {a.init}"
+    return text
+
+
 def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, n_steps, optimizer) -> list[tuple[str, str]]:
     t, a = config.train, config.adapter
     trainable, total = count_parameters(adapter_model)
     q = config.quantization
     quant = f"{q.type} (block {q.blocksize}{', double quant' if q.double_quant else ''})" if q else "none"
-    method = f"{a.method}  r={resolved_rank(a)}"
-    if a.method != "vera":
-        method += f" alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
+    if q and a.init == "loftq":
+        quant += ", by LoftQ"
+    method = describe_method(a, config)
     tokens = sum(len(e["input_ids"]) for e in train_set)
     data = f"{len(train_set)} train ({tokens:,} tokens)" + (f", {len(eval_set)} eval" if eval_set else "")
     return [
@@ -55,6 +76,7 @@ def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
     result.model.save_pretrained(out)
     if hasattr(result.tokenizer, "save_pretrained"):
         result.tokenizer.save_pretrained(out)
+    base = save_loftq_base(result, out / "base") if config.adapter.init == "loftq" else None
     plot = plot_losses(out)
     write_model_card(out, config, result)
     elapsed = log.elapsed()
@@ -67,19 +89,48 @@ def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
     lines.append(f"peak memory {human_bytes(peak_memory_bytes(device))}, optimizer state "
                  f"{human_bytes(optimizer_state_bytes(optimizer))}")
     lines.append(f"adapter: {out / 'adapter_model.safetensors'}")
+    if base is not None:
+        lines.append(f"quantized base (LoftQ): {base}")
     lines.append(f"log: {out / LOG_NAME}")
     lines.append(f"plot: {plot}" if plot else "plot: skipped (pip install matplotlib to get loss_curve.png)")
     for line in lines:
         log.note(line)
 
 
+def save_loftq_base(result, folder: Path) -> Path:
+    """The LoftQ-quantized base the adapter was trained on (its Q_T, not a plain quantization of
+    the model): a bitsandbytes 4-bit folder when every layer is nf4 / fp4 with one setting, else
+    loraforge's k-bit folder (``loraforge.adapters.loftq.save_kbit_checkpoint``)."""
+    from loraforge.adapters.loftq import save_kbit_checkpoint, unwrapped
+    from loraforge.quant.linear import QuantLinear
+
+    model = result.model.model
+    with unwrapped(model):
+        kinds = {(m.quant_type, m.double_quant) for m in model.modules() if isinstance(m, QuantLinear)}
+        if len(kinds) == 1 and next(iter(kinds))[0] in ("nf4", "fp4"):
+            from loraforge.models import save_quantized
+
+            return save_quantized(model, result.tokenizer, folder, overwrite=True)
+        return save_kbit_checkpoint(model, result.tokenizer, folder)
+
+
 def write_model_card(out: Path, config: Config, result) -> None:
     a, t = config.adapter, config.train
     q = config.quantization
+    loftq = a.init == "loftq"
+    if loftq:
+        base_line = (f"`{config.model}`, quantized to {q.type} by LoftQ; the adapter was trained on that quantized "
+                     f"base, saved in `base/` (use it, not a fresh quantization of the model)")
+        use = (f"Use it: `loraforge generate {out / 'base'} --adapter {out} --prompt \"...\"` (an nf4 / fp4 base is a "
+               f"bitsandbytes folder; other types load with `loraforge.adapters.loftq.load_kbit_checkpoint`).")
+    else:
+        base_line = f"`{config.model}`{f' (quantized to {q.type} for training)' if q else ''}"
+        use = (f"Use it: `loraforge generate {config.model} --adapter {out} --prompt \"...\"`, or with PEFT:\n"
+               f"`PeftModel.from_pretrained(base_model, \"{out}\")`.")
     text = f"""# Adapter trained with loraforge
 
-- base model: `{config.model}`{f" (quantized to {q.type} for training)" if q else ""}
-- method: {a.method}, r = {resolved_rank(a)}{"" if a.method == "vera" else f", alpha = {resolved_alpha(a):g}"}, targets: {a.targets}
+- base model: {base_line}
+- method: {" ".join(describe_method(a, config).split())}, targets: {a.targets}
 - data: `{config.data.train}` ({config.data.format} format, max_length {config.data.max_length})
 - training: {result.steps} steps, batch {t.batch_size} x {t.grad_accum}, lr {t.lr:g} ({t.schedule}), optimizer {t.optimizer}, seed {t.seed}
 - final train loss: {result.losses[-1] if result.losses else float("nan"):.4f}{"" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f}"}
@@ -87,7 +138,6 @@ def write_model_card(out: Path, config: Config, result) -> None:
 Files: `adapter_config.json` + `adapter_model.safetensors` (PEFT format), the tokenizer with its
 chat template, `config.yaml` (the exact configuration), `{LOG_NAME}` and `{PLOT_NAME}`.
 
-Use it: `loraforge generate {config.model} --adapter {out} --prompt "..."`, or with PEFT:
-`PeftModel.from_pretrained(base_model, "{out}")`.
+{use}
 """
     (out / "README.md").write_text(text, encoding="utf-8")
