@@ -12,8 +12,8 @@ Schema (public names, see ``shared/design/interface.md``)::
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
     data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
-            max_grad_norm, weight_decay, seed, gradient_checkpointing, eval_every, save_every,
-            keep_last}
+            max_grad_norm, weight_decay, seed, gradient_checkpointing, kernels, eval_every,
+            save_every, keep_last}
     output_dir: runs/demo
     resume: false
     overwrite: false
@@ -130,6 +130,7 @@ class TrainSection:
     weight_decay: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = True
+    kernels: bool = True  # fused kernels (Llama family; loraforge.kernels), false: transformers' forward
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2

@@ -43,6 +43,7 @@ from rich.console import Console
 
 from loraforge.adapters.method_hooks import TrainingHooks, training_hooks
 from loraforge.errors import UserError
+from loraforge.kernels import apply_kernels
 from loraforge.train import build
 from loraforge.train.batches import StepSampler, total_steps
 from loraforge.train.checkpoint import (
@@ -94,6 +95,8 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
 
     adapter_model = build.attach_adapter(
         model, config, echo=lambda line: console.print(line, markup=False, highlight=False))
+    if t.kernels:
+        apply_kernels(adapter_model)  # fused LoRA blocks, norms and the chunked loss; notices where not
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(adapter_model)
     params = [p for p in adapter_model.parameters() if p.requires_grad]
@@ -222,6 +225,10 @@ def accumulate_gradients(model, micro_batches: list[dict], amp) -> tuple[float, 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions (labels shifted by one)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    patch = getattr(model, "_loraforge_kernel_patch", None)
+    if patch is not None and patch.count("loss"):
+        # chunked head + cross-entropy: no full logits, ignored positions skipped; sum over tokens
+        return model(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
     logits = model(**inputs).logits
     labels = batch["labels"][:, 1:]
     return F.cross_entropy(
