@@ -347,3 +347,27 @@ def test_peft_grad_names_cover_ours():
     pm = peft.get_peft_model(tiny_model(0), peft.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
     am = attach(tiny_model(0), LoraConfig(r=2, use_dora=True, targets=["q_proj"]))
     assert {peft_key(n) for n, p in pm.named_parameters() if p.requires_grad} == set(adapter_tensors(am, "default"))
+
+
+def test_merging_an_adapted_head_tied_to_the_embeddings_leaves_the_embeddings_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraforge.adapters import LoraConfig, attach
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True)).eval()
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    am = attach(model, LoraConfig(r=4, alpha=4, targets=["q_proj", "lm_head"]))
+    for name, p in am.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        unmerged = am(input_ids=ids).logits
+        merged_model = am.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    assert torch.equal(merged_model.get_input_embeddings().weight, embeddings)
+    assert merged_model.config.tie_word_embeddings is False
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)

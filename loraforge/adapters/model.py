@@ -126,6 +126,7 @@ class AdapterModel(nn.Module):
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters ``names`` (default: the active ones) into the base weights."""
         names = list(self.active_adapters if names is None else names)
+        untie_adapted_head(self.model)  # merging into a head tied to the embeddings would move them
         for layer in self._layers():
             layer.merge(names)
 
@@ -230,3 +231,27 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     if fresh:
         adapter_model.set_adapter(name)
     return adapter_model
+
+
+def untie_adapted_head(model: nn.Module) -> None:
+    """Give a wrapped (adapted) output head its own weight if it shares the input embeddings'."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    inner = getattr(head, "base_layer", None) or getattr(head, "original_module", None)
+    if inner is None or embed is None or getattr(inner, "weight", None) is not embed.weight:
+        return
+    inner.weight = nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
+    for copy in getattr(head, "modules_to_save", {}).values():
+        if copy.weight is embed.weight:
+            copy.weight = nn.Parameter(copy.weight.detach().clone(), requires_grad=False)
+    set_tied(model, False)
+
+
+def set_tied(model: nn.Module, value: bool) -> None:
+    """Set ``tie_word_embeddings`` in the model's config (and its text config)."""
+    config = model.config
+    config.tie_word_embeddings = value
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        text.tie_word_embeddings = value

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loraforge.adapters.model import set_tied
+
 PROBE_TEXT = ("The capital of France is Paris. Water boils at 100 degrees Celsius at sea level. "
               "def add(a, b): return a + b")
 
@@ -46,38 +48,16 @@ def merge_adapter(source: str | Path, adapter: str | Path | None):
     if adapter is None:
         return model, tokenizer
     adapter_model = attach_adapter_folder(model, adapter, str(source))
-    untie_adapted_head(adapter_model.model)
     merged = adapter_model.merge_and_unload()
     mark_untied(merged)
     return merged, tokenizer
-
-
-def untie_adapted_head(model: nn.Module) -> None:
-    """Give a wrapped (adapted) output head its own weight if it shares the input embeddings'."""
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    inner = getattr(head, "base_layer", None) or getattr(head, "original_module", None)
-    if inner is None or embed is None or getattr(inner, "weight", None) is not embed.weight:
-        return
-    inner.weight = nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
-    for copy in getattr(head, "modules_to_save", {}).values():
-        if copy.weight is embed.weight:
-            copy.weight = nn.Parameter(copy.weight.detach().clone(), requires_grad=False)
-    _set_tied(model, False)
 
 
 def mark_untied(model: nn.Module) -> None:
     """``tie_word_embeddings = false`` when head and embeddings no longer share one tensor."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and embed is not None and head.weight is not embed.weight:
-        _set_tied(model, False)
-
-
-def _set_tied(model: nn.Module, value: bool) -> None:
-    config = model.config
-    config.tie_word_embeddings = value
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if text is not config:
-        text.tie_word_embeddings = value
+        set_tied(model, False)
 
 
 def is_tied(model: nn.Module) -> bool:
