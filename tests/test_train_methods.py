@@ -254,7 +254,6 @@ def test_sora_run_prunes_gates_and_saves_plain_lora(tmp_path, tokenizer, loads):
 @pytest.mark.parametrize("qtype", ["nf4", "nf2"])
 def test_loftq_init_quantizes_reports_errors_and_reloads(tmp_path, tokenizer, loads, qtype):
     from loraforge.adapters import load_adapter
-    from loraforge.adapters.loftq import load_kbit_checkpoint
     from loraforge.models.load import load_model
     from loraforge.quant.linear import QuantLinear
 
@@ -271,7 +270,7 @@ def test_loftq_init_quantizes_reports_errors_and_reloads(tmp_path, tokenizer, lo
     assert type(model.lm_head) is torch.nn.Linear
 
     out = tmp_path / qtype
-    base, _ = load_model(str(out / "base")) if qtype == "nf4" else load_kbit_checkpoint(out / "base")
+    base, _ = load_model(str(out / "base"))  # bitsandbytes folder (nf4) or k-bit folder (nf2)
     reloaded = load_adapter(base, out)
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(result.model, tokenizer), rtol=1e-5, atol=1e-5)
     assert "loftq" in (out / "README.md").read_text()

@@ -35,13 +35,12 @@ Saving (:func:`save_loftq`): ``adapter/`` a plain PEFT LoRA adapter whose config
 loading does not run LoftQ again (PEFT re-runs ``loftq_init`` on the loaded base when it reads
 ``"loftq"``); ``base/`` the quantized base: a bitsandbytes 4-bit folder when every layer is NF4 or
 FP4 with one setting (transformers + bitsandbytes and loraforge load it), otherwise loraforge's
-k-bit folder (:func:`save_kbit_checkpoint`), which bitsandbytes has no format for.
+k-bit folder (:mod:`loraforge.models.kbit_checkpoint`), which bitsandbytes has no format for.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -284,8 +283,6 @@ def loftq_attach(model: nn.Module, config: LoftqConfig, name: str = "default"):
 
 # ----- saving and loading ------------------------------------------------------------------------
 
-KBIT_METHOD = "loraforge-kbit"
-QUANT_STATE_SUFFIX = ".weight.quant_state.loraforge"
 
 
 @contextlib.contextmanager
@@ -307,21 +304,26 @@ def _set_submodule(model: nn.Module, key: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def save_loftq_base(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+    """The LoftQ-quantized base (its Q_T, not a plain quantization of the model): a bitsandbytes
+    4-bit folder when every layer is nf4 / fp4 with one setting, else loraforge's k-bit folder
+    (:mod:`loraforge.models.kbit_checkpoint`). Both load with ``loraforge.models.load_model``."""
+    from loraforge.models import save_quantized
+    from loraforge.models.kbit_checkpoint import save_kbit_checkpoint
+    from loraforge.quant.linear import QuantLinear
+
+    with unwrapped(model):
+        kinds = {(m.quant_type, m.double_quant) for m in model.modules() if isinstance(m, QuantLinear)}
+        if len(kinds) == 1 and next(iter(kinds))[0] in ("nf4", "fp4"):
+            return save_quantized(model, tokenizer, folder, overwrite=True)
+        return save_kbit_checkpoint(model, tokenizer, folder)
+
+
 def save_loftq(adapter_model, tokenizer, out_dir: str | Path, name: str = "default") -> Path:
     """Write ``out_dir/adapter`` (PEFT LoRA) and ``out_dir/base`` (the quantized base)."""
     out = Path(out_dir)
     adapter_model.save_pretrained(out / "adapter", adapter_names=[name])
-    from loraforge.quant.linear import QuantLinear
-
-    model = adapter_model.model
-    with unwrapped(model):
-        kinds = {(m.quant_type, m.double_quant) for m in model.modules() if isinstance(m, QuantLinear)}
-        if len(kinds) == 1 and next(iter(kinds))[0] in ("nf4", "fp4"):
-            from loraforge.models import save_quantized
-
-            save_quantized(model, tokenizer, out / "base", overwrite=True)
-        else:
-            save_kbit_checkpoint(model, tokenizer, out / "base")
+    save_loftq_base(adapter_model.model, tokenizer, out / "base")
     return out
 
 
@@ -329,111 +331,8 @@ def load_loftq(out_dir: str | Path, name: str = "default", is_trainable: bool = 
     """(AdapterModel, tokenizer) from a folder written by :func:`save_loftq`."""
     from loraforge.adapters.model import load_adapter
 
-    out = Path(out_dir)
-    config = json.loads((out / "base" / "config.json").read_text())
-    if config.get("quantization_config", {}).get("quant_method") == KBIT_METHOD:
-        model, tokenizer = load_kbit_checkpoint(out / "base")
-    else:
-        from loraforge.models import load_model
+    from loraforge.models import load_model
 
-        model, tokenizer = load_model(str(out / "base"))
+    out = Path(out_dir)
+    model, tokenizer = load_model(str(out / "base"))
     return load_adapter(model, out / "adapter", name=name, is_trainable=is_trainable), tokenizer
-
-
-def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """loraforge's k-bit checkpoint, for code books bitsandbytes lacks (NF2, NF3, INT-k, mixes).
-
-    A Hugging Face folder (``config.json`` + ``model.safetensors`` + tokenizer) where
-    ``config.json`` has ``quantization_config = {"quant_method": "loraforge-kbit", "version": 1}``
-    and every quantized linear ``L`` stores its QuantLinear buffers under ``L.weight`` (packed
-    codes, uint8: 2-bit codes four per byte, element 4i in the high bits; 3- and 4-bit two per
-    byte, element 2i in the high nibble), ``L.weight.absmax`` (float32 per block, or uint8 codes
-    with double quantization, then also ``L.weight.nested_absmax`` float32 per 256 blocks,
-    ``L.weight.offset`` and ``L.weight.nested_quant_map``), ``L.weight.quant_map`` (the code book)
-    and ``L.weight.quant_state.loraforge`` (UTF-8 JSON bytes: quant_type, blocksize, shape
-    [out, in], double_quant, compute_dtype); ``L.bias`` and every other tensor as usual (tied
-    tensors once). Weight = quant_map[code] * absmax per block, row-major.
-    """
-    from safetensors.torch import save_file
-
-    from loraforge.quant.linear import QuantLinear
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    layers = {key: m for key, m in model.named_modules() if isinstance(m, QuantLinear)}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, layer in layers.items():
-        for buffer in ("absmax", "nested_absmax", "offset", "quant_map", "nested_quant_map"):
-            value = getattr(layer, buffer)
-            if value is not None:
-                tensors[f"{key}.weight.{buffer}"] = value
-        tensors[f"{key}.weight"] = layer.qweight
-        state = {"quant_type": layer.quant_type, "blocksize": layer.blocksize, "double_quant": layer.double_quant,
-                 "shape": [layer.out_features, layer.in_features],
-                 "compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
-        tensors[key + QUANT_STATE_SUFFIX] = torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
-        if layer.bias is not None:
-            tensors[f"{key}.bias"] = layer.bias
-    seen: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict().items():
-        if any(key.startswith(f"{layer}.") for layer in layers):
-            continue
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen:
-            continue
-        seen.add(ident)
-        tensors[key] = tensor
-    config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": KBIT_METHOD, "version": 1}
-    config["architectures"] = [type(model).__name__]
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    return out
-
-
-def load_kbit_checkpoint(folder: str | Path):
-    """(model, tokenizer) from a :func:`save_kbit_checkpoint` folder, its linears QuantLinear
-    (tokenizer None when the folder holds none)."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from loraforge.models.bnb_checkpoint import _materialize_buffers
-    from loraforge.quant.double_quant import NestedAbsmax
-    from loraforge.quant.linear import QuantLinear
-
-    folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    if raw.get("quantization_config", {}).get("quant_method") != KBIT_METHOD:
-        raise UserError(f"not a loraforge k-bit checkpoint (quantization_config.quant_method != {KBIT_METHOD!r})",
-                        where=str(folder / "config.json"))
-    tensors = load_file(str(folder / "model.safetensors"))
-    config = AutoConfig.from_pretrained(folder)
-    del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    for state_key in [k for k in tensors if k.endswith(QUANT_STATE_SUFFIX)]:
-        key = state_key[: -len(QUANT_STATE_SUFFIX)]
-        state = json.loads(bytes(tensors.pop(state_key).tolist()).decode())
-        qweight, absmax, quant_map, nested_absmax, offset, nested_map = (
-            tensors.pop(f"{key}.weight{suffix}", None)
-            for suffix in ("", ".absmax", ".quant_map", ".nested_absmax", ".offset", ".nested_quant_map"))
-        nested = NestedAbsmax(absmax, nested_absmax, offset, nested_map) if state["double_quant"] else None
-        out_features, in_features = state["shape"]
-        layer = QuantLinear.from_quantized(
-            qweight, absmax, in_features=in_features, out_features=out_features, quant_type=state["quant_type"],
-            blocksize=state["blocksize"], nested=nested, quant_map=quant_map, bias=tensors.pop(f"{key}.bias", None),
-            compute_dtype=getattr(torch, state["compute_dtype"]))
-        _set_submodule(model, key, layer)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
-    _materialize_buffers(model)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise UserError(f"the checkpoint has no weights for {', '.join(missing[:5])}", where=str(folder))
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    return model.eval(), (AutoTokenizer.from_pretrained(folder) if has_tokenizer else None)

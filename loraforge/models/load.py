@@ -54,10 +54,15 @@ def load_model(
     dtype = as_dtype(compute_dtype)
     path = resolve_model_path(source)
     fmt = detect_format(path)
-    if fmt == "bnb-4bit":
-        from loraforge.models.bnb_checkpoint import load_bnb_checkpoint
+    if fmt in ("bnb-4bit", "kbit"):
+        if fmt == "bnb-4bit":
+            from loraforge.models.bnb_checkpoint import load_bnb_checkpoint
 
-        model, tokenizer = load_bnb_checkpoint(path, compute_dtype=dtype)
+            model, tokenizer = load_bnb_checkpoint(path, compute_dtype=dtype)
+        else:
+            from loraforge.models.kbit_checkpoint import load_kbit_checkpoint
+
+            model, tokenizer = load_kbit_checkpoint(path)
         if quantize is not None:
             _check_same_quantization(model, quantize, path)
         if device is not None:

@@ -4,6 +4,7 @@
 - ``bnb-4bit``: the same layout written by transformers + bitsandbytes for a 4-bit model
   (``config.json`` holds ``quantization_config`` with ``quant_method: bitsandbytes`` and
   ``load_in_4bit``; linear weights are packed codes plus their quantization state),
+- ``kbit``: loraforge's k-bit folder (NF2, NF3, INT-k; see kbit_checkpoint.py),
 - ``gguf``: a single llama.cpp ``.gguf`` file.
 
 Aliases name a model shipped inside an installed Python package; the package is located through
@@ -25,7 +26,7 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-FORMATS = ("hf", "bnb-4bit", "gguf")
+FORMATS = ("hf", "bnb-4bit", "kbit", "gguf")
 _EXPECTED = (
     "expected a Hugging Face model folder, a .gguf file, a bitsandbytes 4-bit folder, "
     f"or an alias ({', '.join(ALIASES)})"
@@ -81,6 +82,8 @@ def detect_format(path: Path) -> str:
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method == "bitsandbytes" and (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
         return "bnb-4bit"
+    if method == "loraforge-kbit":  # models.kbit_checkpoint.KBIT_METHOD
+        return "kbit"
     if method == "bitsandbytes":
         what = "an 8-bit (LLM.int8) bitsandbytes checkpoint"
     else:

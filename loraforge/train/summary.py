@@ -98,20 +98,10 @@ def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
 
 
 def save_loftq_base(result, folder: Path) -> Path:
-    """The LoftQ-quantized base the adapter was trained on (its Q_T, not a plain quantization of
-    the model): a bitsandbytes 4-bit folder when every layer is nf4 / fp4 with one setting, else
-    loraforge's k-bit folder (``loraforge.adapters.loftq.save_kbit_checkpoint``)."""
-    from loraforge.adapters.loftq import save_kbit_checkpoint, unwrapped
-    from loraforge.quant.linear import QuantLinear
+    """The LoftQ-quantized base the adapter was trained on (see ``adapters.loftq.save_loftq_base``)."""
+    from loraforge.adapters.loftq import save_loftq_base as save_base
 
-    model = result.model.model
-    with unwrapped(model):
-        kinds = {(m.quant_type, m.double_quant) for m in model.modules() if isinstance(m, QuantLinear)}
-        if len(kinds) == 1 and next(iter(kinds))[0] in ("nf4", "fp4"):
-            from loraforge.models import save_quantized
-
-            return save_quantized(model, result.tokenizer, folder, overwrite=True)
-        return save_kbit_checkpoint(model, result.tokenizer, folder)
+    return save_base(result.model.model, result.tokenizer, folder)
 
 
 def write_model_card(out: Path, config: Config, result) -> None:
@@ -122,7 +112,7 @@ def write_model_card(out: Path, config: Config, result) -> None:
         base_line = (f"`{config.model}`, quantized to {q.type} by LoftQ; the adapter was trained on that quantized "
                      f"base, saved in `base/` (use it, not a fresh quantization of the model)")
         use = (f"Use it: `loraforge generate {out / 'base'} --adapter {out} --prompt \"...\"` (an nf4 / fp4 base is a "
-               f"bitsandbytes folder; other types load with `loraforge.adapters.loftq.load_kbit_checkpoint`).")
+               f"bitsandbytes folder, other types loraforge's k-bit folder).")
     else:
         base_line = f"`{config.model}`{f' (quantized to {q.type} for training)' if q else ''}"
         use = (f"Use it: `loraforge generate {config.model} --adapter {out} --prompt \"...\"`, or with PEFT:\n"
