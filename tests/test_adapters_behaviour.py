@@ -4,7 +4,6 @@ inits, dropout, and errors for bad adapter folders."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
@@ -22,15 +21,7 @@ from loraforge.quant.linear import QuantLinear
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    """PEFT's warnings off; one thread (tiny matmuls on 2 shared cores thrash with more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 def ids(seed: int = 5):

@@ -8,7 +8,6 @@ tiny Llama has biases in every projection so that DoRA's bias handling is exerci
 
 from __future__ import annotations
 
-import warnings
 
 import peft
 import pytest
@@ -42,15 +41,7 @@ def batch():
     return torch.randint(0, 128, (2, 12), generator=gen)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    """PEFT's warnings off; one thread (tiny matmuls on 2 shared cores thrash with more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 @pytest.mark.parametrize("quant", [False, True], ids=["plain", "nf4"])

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import peft
 import pytest
@@ -21,14 +20,7 @@ from loraforge.errors import UserError
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 def peft_config(c: AdaloraConfig) -> peft.AdaLoraConfig:

@@ -8,7 +8,6 @@ adapter as plain LoRA with the same logits on the same (dequantized) base."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
@@ -23,15 +22,7 @@ from loraforge.errors import UserError
 from loraforge.quant.linear import QuantLinear
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    """Warnings off; one thread (matmuls and SVDs on 2 shared cores thrash with more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 # ----- an independent reference ------------------------------------------------------------------

@@ -5,7 +5,6 @@ under a positive lambda in a short training run (and stay dense at lambda 0); th
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
@@ -19,14 +18,7 @@ from loraforge.adapters.sora import SoraConfig, soft_threshold
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
 def batch(seed=5):
