@@ -13,10 +13,12 @@ from loraforge.cli import main
 
 
 def _stored_like(model, gguf_type: str):
-    """``model`` with every 2-D weight rounded through the GGUF storage type (norms stay f32)."""
+    """``model`` with every 2-D weight rounded through the GGUF storage type (norms stay f32;
+    under q4_0 the output head is Q8_0, llama-quantize's type for it at these widths)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 
+    head = model.get_output_embeddings().weight
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() != 2 or gguf_type == "f32":
@@ -25,7 +27,7 @@ def _stored_like(model, gguf_type: str):
             if gguf_type == "f16":
                 r = w.astype(np.float16).astype(np.float32)
             else:
-                qtype = {"bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
+                qtype = {"bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q8_0 if p is head else Q.Q4_0}[gguf_type]
                 r = dequantize(quantize(w, qtype), qtype).reshape(w.shape)
             p.copy_(torch.from_numpy(np.ascontiguousarray(r)))
     return model
@@ -43,7 +45,7 @@ def _load_gguf(path):
     return _load_gguf_model(path)[0], AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_gguf_matches_merged_model(tmp_path, gguf_type):
     tok = bpe_tokenizer()
     base = save_base(tiny_model(tok, tie_word_embeddings=gguf_type == "f16"), tok, tmp_path / "base")
@@ -83,13 +85,13 @@ def test_qk_permutation_is_llama_cpp_layout():
 
 
 def test_gguf_refuses_other_architectures():
-    from transformers import Qwen2Config
+    from transformers import GPT2Config
 
     from loraforge.errors import UserError
-    from loraforge.infer.export_gguf import hyperparameters
+    from loraforge.infer.gguf_arch import gguf_layout
 
-    with pytest.raises(UserError, match="Llama-architecture"):
-        hyperparameters(Qwen2Config())
+    with pytest.raises(UserError, match="does not support 'gpt2'"):
+        gguf_layout(GPT2Config())
 
 
 def test_tokenizer_metadata_copied_from_a_gguf_source(tmp_path):

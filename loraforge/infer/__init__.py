@@ -5,7 +5,9 @@
     generate.py      batched generation (left padding, KV cache, greedy or sampling); JSONL in/out
     chat.py          a terminal chat with history and streamed tokens
     merge.py         fold an adapter into a dense copy of the base; write safetensors / nf4 folders
-    export_gguf.py   write a llama.cpp GGUF file (f32 / f16 / bf16 / q8_0) from a dense Llama
+    export_gguf.py   write a llama.cpp GGUF file (f32 / f16 / bf16 / q8_0 / q4_0) from a dense model
+    gguf_arch.py     llama.cpp's architecture names, tensor transforms and metadata, per model type
+    gguf_tokenizer.py  tokenizer.* metadata: copied from a GGUF source or built from a BPE tokenizer
     evaluate.py      perplexity (strided windows on text, or a data set's responses) and accuracy
     *_command.py     the ``generate``, ``chat``, ``merge`` and ``eval`` CLI commands
 

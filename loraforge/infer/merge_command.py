@@ -6,8 +6,9 @@ Folds the adapter into the base (in float32, a 4-bit base dequantized first) and
   in ``--dtype`` (default bf16);
 - ``nf4``: a bitsandbytes-format 4-bit folder (``--dtype`` is the compute dtype and the dtype of
   the unquantized tensors, default bf16), reporting how far re-quantizing moved the logits;
-- ``gguf``: a GGUF file for llama.cpp / Ollama. Its storage type is ``--gguf-type``
-  (f32, f16, bf16, q8_0), else ``--dtype`` (fp32 -> f32, fp16 -> f16, bf16 -> bf16), else f16.
+- ``gguf``: a GGUF file for llama.cpp / Ollama (the architectures in ``gguf_arch.py``; others
+  are refused before loading). Its storage type is ``--gguf-type``
+  (f32, f16, bf16, q8_0, q4_0), else ``--dtype`` (fp32 -> f32, fp16 -> f16, bf16 -> bf16), else f16.
   ``--out`` ending in ``.gguf`` names the file; otherwise it is a folder receiving ``model.gguf``
   and an Ollama ``Modelfile``.
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="safetensors", choices=FORMATS, help="output format (default safetensors)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output dtype (default bf16; with --format gguf it picks the GGUF type unless --gguf-type)")
-    parser.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+    parser.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0", "q4_0"), default=None,
                         help="GGUF storage type (default: from --dtype, else f16)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gguf_type and args.format != "gguf":
         raise UserError("--gguf-type applies to --format gguf only", where="--gguf-type")
     gguf_file = _gguf_target(out, args.overwrite) if args.format == "gguf" else None
+    if args.format == "gguf":
+        from loraforge.infer.export_gguf import check_exportable_source
+
+        check_exportable_source(args.model)  # before the (slow) load and merge
     if args.format != "gguf":
         from loraforge.models.cache import check_output_dir
 
