@@ -4,6 +4,8 @@ and compute what the merged model computes with its weights stored in the file's
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,138 @@ def test_smollm2_gguf_train_merge_gguf_round_trip(tmp_path, smollm2_gguf):
     q = loaded.model.layers[3].self_attn.q_proj.weight
     torch.testing.assert_close(q, merged.model.layers[3].self_attn.q_proj.weight, rtol=0, atol=0)
     assert (q - base_q).abs().max() > 1e-3  # the trained adapter is in the file
+
+
+# --- every exportable architecture -------------------------------------------------------------
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3", "gemma", "gemma2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_architecture_layout(tmp_path, model_type):
+    """llama.cpp's architecture name, only tensor names its architecture lists, the metadata its
+    loader reads, Gemma norms stored as 1 + w, Q/K permuted exactly for the interleaved-rope ones."""
+    import gguf
+    from gguf import GGUFReader
+    from helpers_gguf import arch_model
+
+    from loraforge.infer.export_gguf import write_gguf
+    from loraforge.infer.gguf_arch import ARCHITECTURES
+
+    tok = bpe_tokenizer()
+    model = arch_model(model_type, tok)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reader = GGUFReader(write_gguf(model, tok, tmp_path / "m.gguf", "f32"))
+    arch = ARCHITECTURES[model_type].arch
+    assert reader.fields["general.architecture"].contents() == arch
+    enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[enum]}
+    tensors = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist()))) for t in reader.tensors}
+    for name in tensors:
+        base = name.rsplit(".", 1)[0]
+        assert base.replace(".0.", ".{bid}.").replace(".1.", ".{bid}.") in allowed, name
+    cfg = model.config
+    assert reader.fields[f"{arch}.block_count"].contents() == cfg.num_hidden_layers
+    assert reader.fields[f"{arch}.attention.key_length"].contents() == 16
+    assert reader.fields[f"{arch}.attention.head_count_kv"].contents() == 2
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    norm = "blk.0.attn_norm.weight" if model_type != "olmo2" else "blk.0.post_attention_norm.weight"
+    hf_norm = state["model.layers.0.input_layernorm.weight" if model_type != "olmo2"
+                    else "model.layers.0.post_attention_layernorm.weight"].numpy()
+    np.testing.assert_array_equal(tensors[norm], hf_norm + (1.0 if model_type.startswith("gemma") else 0.0))
+    if model_type in ("llama", "mistral", "granite"):
+        from loraforge.infer.export_gguf import permute_qk
+
+        np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"],
+                                      permute_qk(state["model.layers.0.self_attn.k_proj.weight"].numpy(), 2))
+    elif model_type == "phi3":
+        np.testing.assert_array_equal(tensors["blk.0.attn_qkv.weight"],
+                                      state["model.layers.0.self_attn.qkv_proj.weight"].numpy())
+        assert reader.fields["phi3.rope.dimension_count"].contents() == 8  # partial_rotary_factor 0.5
+    elif model_type == "qwen2":
+        np.testing.assert_array_equal(tensors["blk.1.attn_q.bias"], state["model.layers.1.self_attn.q_proj.bias"].numpy())
+    elif model_type == "granite":
+        assert reader.fields["granite.logit_scale"].contents() == pytest.approx(2.0)
+    assert ("output.weight" in tensors) == (not cfg.tie_word_embeddings)
+
+
+# transformers' GGUF loader reads these back (it lacks olmo2, granite and gemma, and ignores qwen3's
+# head_dim); for phi3 and gemma2/3 it drops hyper-parameters llama.cpp reads (partial rope,
+# soft-capping, query_pre_attn_scalar), so there the tensors are compared, not the logits.
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3_text"])
+def test_transformers_reads_back_each_architecture(tmp_path, model_type):
+    from helpers_gguf import arch_model
+
+    from loraforge.infer.export_gguf import write_gguf
+
+    tok = bpe_tokenizer()
+    model = arch_model(model_type, tok)
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    loaded, _ = _load_gguf_model(path)
+    theirs = loaded.state_dict()
+    assert set(ours) <= set(theirs)
+    for key, value in ours.items():  # gemma norms: (w + 1) - 1 in float32, hence the tolerance
+        torch.testing.assert_close(theirs[key], value, rtol=0, atol=1e-7, msg=key)
+    if model_type in ("llama", "mistral", "qwen2"):
+        ids = torch.tensor([tok.encode("the quick brown fox jumps over the lazy dog")])
+        torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_q4_0_blocks_follow_llama_cpp_reference():
+    """One Q4_0 block by hand, as ``quantize_row_q4_0_ref``: d = (signed max-magnitude value) / -8
+    as f16, codes min(15, trunc(x / d + 8.5)), byte j = code[j] | code[j + 16] << 4."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    from loraforge.infer.export_gguf import _encode
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 64)).astype(np.float32)
+    x[1, 40] = -9.0  # a negative extreme: d > 0
+    data, raw = _encode(x, "q4_0")
+    assert raw == Q.Q4_0 and data.shape == (2, 2 * 18)
+    for row in range(2):
+        for b in range(2):
+            block = x[row, 32 * b: 32 * b + 32]
+            amax = block[np.argmax(np.abs(block))]
+            d = np.float32(amax / np.float32(-8))
+            inv = np.float32(1) / d
+            codes = np.minimum(15, np.trunc(block * inv + np.float32(8.5))).astype(np.uint8)
+            want = np.concatenate([np.frombuffer(np.float16(d).tobytes(), np.uint8),
+                                   codes[:16] | (codes[16:] << 4)])
+            np.testing.assert_array_equal(data[row, 18 * b: 18 * b + 18], want)
+    np.testing.assert_array_equal(data, quantize(x, Q.Q4_0))
+
+
+def test_gguf_refusals_come_before_the_load(tmp_path, monkeypatch):
+    """Unsupported architectures, settings llama.cpp cannot express and tokenizers it cannot
+    name are refused from config.json and the tokenizer alone: nothing is loaded or merged."""
+    from helpers_gguf import arch_model
+    from helpers_models import save_folder
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import loraforge.infer.merge as merge
+
+    monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: pytest.fail("loaded before refusing"))
+    tok = bpe_tokenizer()
+    cases = {
+        "gpt2": (save_base(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok))), tok,
+                           tmp_path / "gpt2"), "does not support 'gpt2'"),
+        "scale": (save_base(arch_model("gemma2", tok), tok, tmp_path / "gemma2"), None),
+        "words": (save_folder(tiny_model(bpe_tokenizer()), tmp_path / "words"), "pre-tokenizer|byte-level BPE"),
+    }
+    config = json.loads((tmp_path / "gemma2" / "config.json").read_text())
+    config["query_pre_attn_scalar"] = 32
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(config))
+    cases["scale"] = (tmp_path / "gemma2", "query_pre_attn_scalar")
+    for name, (folder, message) in cases.items():
+        code = main(["merge", str(folder), "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / f"{name}.gguf"),
+                     "--format", "gguf"])
+        assert code == 2, name
+    from loraforge.errors import UserError
+    from loraforge.infer.export_gguf import check_exportable_source
+
+    for name, (folder, message) in cases.items():
+        with pytest.raises(UserError, match=message):
+            check_exportable_source(folder)
