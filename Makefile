@@ -17,9 +17,24 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e ".[test]"
 	touch $@
 
-.PHONY: demo test
+# llama.cpp itself, for the GGUF checks: llama-cpp-python in a venv of its own (no torch). The
+# wheel in ../shared/tools was built for this kind of machine; LLAMACPP_WHEEL=... picks another.
+LLAMACPP_VENV  := .venv-llamacpp
+LLAMACPP_WHEEL ?= $(firstword $(wildcard ../shared/tools/llama_cpp_python-*.whl))
+
+$(LLAMACPP_VENV)/.installed:
+	test -n "$(LLAMACPP_WHEEL)" || { echo "no llama-cpp-python wheel (set LLAMACPP_WHEEL=path.whl)"; exit 1; }
+	test -x $(LLAMACPP_VENV)/bin/python || python3 -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(LLAMACPP_WHEEL)"
+	touch $@
+
+.PHONY: demo test test-llamacpp
 demo: $(VENV)/.base
 	$(VENV)/bin/loraforge train
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+# GGUF exports run in llama.cpp (tests marked llamacpp; `make test` runs them too once the venv exists)
+test-llamacpp: $(VENV)/.test $(LLAMACPP_VENV)/.installed
+	$(PY) -m pytest -q -m llamacpp tests

@@ -79,7 +79,9 @@ def llamacpp(request: dict, tmp: Path) -> dict:
     file.write_text(json.dumps(request), encoding="utf-8")
     done = subprocess.run([exe, str(PROBE), str(file)], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise AssertionError(f"llama.cpp failed on {request}:\n{done.stderr[-3000:]}")
+        signal = " (illegal instruction)" if done.returncode in (-4, 132) else ""
+        raise AssertionError(f"llama.cpp failed with exit {done.returncode}{signal} on {request}:\n"
+                             f"{done.stderr[-3000:]}")
     reply = json.loads(done.stdout.strip().splitlines()[-1])
     if request["op"] == "run":
         with np.load(request["out"]) as arrays:

@@ -6,8 +6,8 @@ the llama.cpp side of ``test_infer_gguf_llamacpp.py``. Not a test module; the te
 REQUEST ``{"op": "run", "gguf": PATH, "prompts": [[ids]...], "new_tokens": N, "text": STR,
 "out": PATH.npz}`` loads the file in llama.cpp (CPU, one thread, float32 KV cache so the cache
 adds no rounding), evaluates each prompt, and greedily extends it by N tokens (argmax of the
-logits after each step). The .npz holds ``logits_k`` (every position of prompt k plus its
-continuation, float32) and ``tokens_k`` (the N greedy tokens); stdout gets a JSON line with the
+logits after each step). The .npz holds ``logits_k`` (every position of prompt k and of its
+continuation but the last token, float32) and ``tokens_k`` (the N greedy tokens); stdout gets a JSON line with the
 architecture llama.cpp read, its vocabulary size and ``text`` tokenized by llama.cpp's tokenizer.
 
 REQUEST ``{"op": "quantize", "src": PATH, "dst": PATH, "ftype": NAME}`` runs llama.cpp's own
@@ -34,9 +34,10 @@ def run(request: dict) -> dict:
         llm.reset()
         llm.eval(prompt)
         tokens = []
-        for _ in range(request["new_tokens"]):
+        for i in range(request["new_tokens"]):
             tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([tokens[-1]])
+            if i + 1 < request["new_tokens"]:
+                llm.eval([tokens[-1]])
         arrays[f"logits_{k}"] = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
         arrays[f"tokens_{k}"] = np.array(tokens, dtype=np.int64)
     np.savez(request["out"], **arrays)
@@ -44,6 +45,7 @@ def run(request: dict) -> dict:
     return {
         "arch": llm.metadata.get("general.architecture"),
         "n_vocab": llm.n_vocab(),
+        "chat_template": llm.metadata.get("tokenizer.chat_template"),
         "text_ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else None,
     }
 
