@@ -96,12 +96,13 @@ def test_truncated_real_gguf(tmp_path, smollm2_gguf):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    config = GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    folder = save_folder(GPT2LMHeadModel(config), tmp_path / "gpt2")
+    config = OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32)
+    folder = save_folder(OPTForCausalLM(config), tmp_path / "opt")
     line = run_cli(capsys, "quantize", str(folder), "--out", str(tmp_path / "out"))
-    assert "unsupported architecture 'gpt2'" in line and str(folder / "config.json") in line
+    assert "unsupported architecture 'opt'" in line and str(folder / "config.json") in line
     assert "llama" in line and "qwen2" in line and "mistral" in line
 
 

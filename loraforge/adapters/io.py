@@ -67,6 +67,9 @@ def peft_config_dict(adapter_model: AdapterModel, name: str) -> dict[str, Any]:
     else:
         target_modules = condense_target_names(adapter_model.targets[name], model)
     data = config.to_peft(target_modules)
+    if "fan_in_fan_out" in data and any(getattr(getattr(model.get_submodule(key), "base_layer", None),
+                                                "fan_in_fan_out", False) for key in adapter_model.targets[name]):
+        data["fan_in_fan_out"] = True  # what PEFT writes once it has met a Conv1D target
     model_config = getattr(model, "config", None)
     data["base_model_name_or_path"] = getattr(model, "name_or_path", None) or getattr(model_config, "_name_or_path", None) or None
     data["revision"] = None

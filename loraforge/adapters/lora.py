@@ -108,7 +108,9 @@ class LoraConfig(AdapterConfig):
 
     @classmethod
     def from_peft(cls, data: dict[str, Any], where: str) -> LoraConfig:
-        reject_unsupported(data, PEFT_LORA_DEFAULTS, where)
+        # fan_in_fan_out only says the base stores W as [in, out] (GPT-2's Conv1D); PEFT follows
+        # each layer's type whatever the flag, and so do we (models/conv1d.py)
+        reject_unsupported(data, {k: v for k, v in PEFT_LORA_DEFAULTS.items() if k != "fan_in_fan_out"}, where)
         init = data.get("init_lora_weights", True)
         # the loaded tensors replace the init; only inits that change the base weights matter
         init = INITS_FROM_PEFT.get(init, init) if isinstance(init, (bool, str)) else init

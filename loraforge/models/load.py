@@ -3,6 +3,7 @@
 source          how it is read
 --------------  -------------------------------------------------------------------------------
 HF folder       ``AutoModelForCausalLM.from_pretrained`` after checking config + safetensors
+                (GPT-2's Conv1D projections become linear layers, see conv1d.py)
 .gguf file      transformers' GGUF loader once, then the cached safetensors folder (see gguf.py)
 bnb-4bit folder loraforge's own QuantLinear layers, no bitsandbytes (see bnb_checkpoint.py)
 alias           the file an installed package ships (see resolve.py)
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import UserError, check_choice
+from loraforge.models.conv1d import linearize_conv1d
 from loraforge.models.resolve import detect_format, read_config_json, resolve_model_path
-from loraforge.models.validate import check_architecture, check_safetensors
+from loraforge.models.validate import check_architecture, check_quantizable, check_safetensors
 from loraforge.quant.codebooks import QUANT_TYPES  # nf4, fp4 (bitsandbytes' formats), nf2, nf3, int4, ...
 
 _DTYPES = {
@@ -73,6 +75,8 @@ def load_model(
 
         model, tokenizer = load_hf_folder(cached_gguf_folder(path), dtype or torch.float32)
     else:
+        if quantize is not None:
+            check_quantizable(read_config_json(path)["model_type"], where=str(path / "config.json"))
         model, tokenizer = load_hf_folder(path, dtype)
     if device is not None:
         model.to(device)
@@ -96,7 +100,7 @@ def load_hf_folder(folder: Path, dtype: torch.dtype | None):
     tokenizer = load_tokenizer(folder)
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
-    return model, tokenizer
+    return linearize_conv1d(model), tokenizer
 
 
 def weight_files(folder: Path) -> list[Path]:

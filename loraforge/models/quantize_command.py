@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from loraforge.models.load import load_model
     from loraforge.models.memory import describe_memory
     from loraforge.models.resolve import detect_format, resolve_model_path
+    from loraforge.models.validate import check_quantizable
     from loraforge.quant.bnb_format import BNB_QUANT_TYPES
     from loraforge.quant.replace import quantize_model
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with status.status(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, device=args.device)
+    check_quantizable(model.config.model_type, where=args.model)
     before = describe_memory(model)
     with status.status(f"quantizing to {args.type}"):
         quantize_model(model, quant_type=args.type, blocksize=args.blocksize, double_quant=args.double_quant)

@@ -30,7 +30,15 @@ SUPPORTED_ARCHITECTURES = (
     "phi3",
     "granite",
     "olmo2",
+    "gpt_neox",
+    "gpt2",
+    "falcon",
+    "phi",
+    "stablelm",
 )
+# Types whose projections are not plain nn.Linear (GPT-2's Conv1D, Falcon's FalconLinear), which
+# transformers' bitsandbytes loader does not map onto 4-bit layers: trained and merged dense only.
+DENSE_ONLY_ARCHITECTURES = ("gpt2", "falcon")
 # GGUF general.architecture -> transformers model_type, where they differ.
 _GGUF_TO_MODEL_TYPE = {"gemma3": "gemma3_text"}
 
@@ -50,6 +58,17 @@ def check_architecture(model_type: str, where: str) -> str:
             where=where,
         )
     return model_type
+
+
+def check_quantizable(model_type: str, where: str) -> None:
+    """A UserError when ``model_type`` has no 4-bit (bitsandbytes-compatible) form."""
+    if model_type in DENSE_ONLY_ARCHITECTURES:
+        raise UserError(
+            f"4-bit quantization of {model_type!r} is not supported: its projections are not nn.Linear "
+            "layers, which the bitsandbytes format of transformers expects; load it unquantized "
+            "(quantization.type: null) to train LoRA on it",
+            where=where,
+        )
 
 
 def check_safetensors(path: Path) -> dict:
