@@ -130,3 +130,34 @@ def test_quantized_files_equal_llama_quantize(tmp_path, model_type, gguf_type):
     for name in a:
         assert a[name].tensor_type == b[name].tensor_type, name
         np.testing.assert_array_equal(np.asarray(a[name].data), np.asarray(b[name].data), err_msg=name)
+
+
+@pytest.mark.slow
+def test_real_tokenizer_runs_in_llama_cpp(tmp_path, smollm2_gguf):
+    """SmolLM2's real 49k-token BPE tokenizer (from the embedded GGUF): its tokenizer metadata
+    copied from the source file (pre-tokenizer ``smollm``) or rebuilt from the Hugging Face
+    tokenizer transformers makes of it (``gpt-2``) tokenizes like the Hugging Face tokenizer in
+    llama.cpp, and a model over that vocabulary computes the same logits and greedy tokens."""
+    from pathlib import Path
+
+    from gguf import GGUFReader
+    from helpers_infer import tiny_model
+    from transformers import AutoTokenizer
+
+    from loraforge.infer.export_gguf import write_gguf
+
+    source = Path(smollm2_gguf)
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = tiny_model(tok)
+    text = "The capital of France is Paris. What is the capital of Germany?"
+    prompt = tok.encode(text, add_special_tokens=False)
+    want, want_tokens = _reference(model, prompt)
+    for copied in (True, False):
+        path = write_gguf(copy.deepcopy(model), tok, tmp_path / f"copied-{copied}.gguf", "f32",
+                          source_gguf=source if copied else None)
+        assert GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == ("smollm" if copied else "gpt-2")
+        reply = llamacpp({"op": "run", "gguf": str(path), "prompts": [prompt], "new_tokens": NEW, "text": text},
+                         tmp_path)
+        assert reply["text_ids"] == prompt, copied
+        np.testing.assert_allclose(reply["arrays"]["logits_0"], want, rtol=0, atol=1e-4)
+        assert reply["arrays"]["tokens_0"].tolist() == want_tokens
