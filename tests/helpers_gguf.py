@@ -31,7 +31,8 @@ ARCH_OVERRIDES = {
     "gemma": {"tie_word_embeddings": True},
     "gemma2": {"query_pre_attn_scalar": 16, "tie_word_embeddings": True, "attn_logit_softcapping": 5.0,
                "final_logit_softcapping": 3.0, "sliding_window": 128},
-    "gemma3_text": {"query_pre_attn_scalar": 16, "tie_word_embeddings": True, "sliding_window": 128},
+    "gemma3_text": {"query_pre_attn_scalar": 16, "tie_word_embeddings": True, "sliding_window": 128,
+                    "final_logit_softcapping": 3.0},
 }
 
 

@@ -93,12 +93,15 @@ def _gemma2(config) -> dict:
 def _gemma3(config) -> dict:
     _gemma_scale(config, layers_27b=62)
     _layer_pattern(config, 6)
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
-        raise UserError("gemma3 soft-capping is not supported by the GGUF export", where=WHERE)
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UserError("gemma3 attention soft-capping is not expressible in GGUF", where=WHERE)
     local = _rope(config, "sliding_attention")
     if local.get("rope_theta", getattr(config, "rope_local_base_freq", 10000.0)) != 10000.0:
         raise UserError("llama.cpp fixes gemma3's local rope base at 10000", where=WHERE)
-    return {"attention.sliding_window": int(config.sliding_window)}
+    meta = {"attention.sliding_window": int(config.sliding_window)}
+    if getattr(config, "final_logit_softcapping", None):
+        meta["final_logit_softcapping"] = float(config.final_logit_softcapping)
+    return meta
 
 
 ARCHITECTURES: dict[str, GGUFArch] = {
