@@ -87,13 +87,13 @@ def test_qk_permutation_is_llama_cpp_layout():
 
 
 def test_gguf_refuses_other_architectures():
-    from transformers import GPT2Config
+    from transformers import FalconConfig
 
     from loraforge.errors import UserError
     from loraforge.infer.gguf_arch import gguf_layout
 
-    with pytest.raises(UserError, match="does not support 'gpt2'"):
-        gguf_layout(GPT2Config())
+    with pytest.raises(UserError, match="does not support 'falcon'"):
+        gguf_layout(FalconConfig())
 
 
 def test_tokenizer_metadata_copied_from_a_gguf_source(tmp_path):
@@ -145,7 +145,12 @@ def test_smollm2_gguf_train_merge_gguf_round_trip(tmp_path, smollm2_gguf):
 
 # --- every exportable architecture -------------------------------------------------------------
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3", "gemma", "gemma2", "gemma3_text"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "phi3", "gemma", "gemma2", "gemma3_text",
+         "stablelm", "phi", "gpt_neox", "gpt2"]
+# (GGUF tensor, HF key) of one norm weight where the first block's input norm is named otherwise
+NORMS = {"olmo2": ("blk.0.post_attention_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+         "gpt2": ("blk.0.attn_norm.weight", "transformer.h.0.ln_1.weight"),
+         "gpt_neox": ("blk.0.attn_norm.weight", "gpt_neox.layers.0.input_layernorm.weight")}
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
@@ -174,12 +179,11 @@ def test_architecture_layout(tmp_path, model_type):
     cfg = model.config
     assert reader.fields[f"{arch}.block_count"].contents() == cfg.num_hidden_layers
     assert reader.fields[f"{arch}.attention.key_length"].contents() == 16
-    assert reader.fields[f"{arch}.attention.head_count_kv"].contents() == 2
+    assert reader.fields[f"{arch}.attention.head_count_kv"].contents() == (4 if model_type.startswith("gpt") else 2)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
-    norm = "blk.0.attn_norm.weight" if model_type != "olmo2" else "blk.0.post_attention_norm.weight"
-    hf_norm = state["model.layers.0.input_layernorm.weight" if model_type != "olmo2"
-                    else "model.layers.0.post_attention_layernorm.weight"].numpy()
-    np.testing.assert_array_equal(tensors[norm], hf_norm + (1.0 if model_type.startswith("gemma") else 0.0))
+    norm, hf_norm = NORMS.get(model_type, ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"))
+    shift = np.float32(1.0 if model_type.startswith("gemma") else 0.0)
+    np.testing.assert_array_equal(tensors[norm], state[hf_norm].numpy() + shift)
     if model_type in ("llama", "mistral", "granite"):
         from loraforge.infer.export_gguf import permute_qk
 
@@ -191,9 +195,15 @@ def test_architecture_layout(tmp_path, model_type):
         assert reader.fields["phi3.rope.dimension_count"].contents() == 8  # partial_rotary_factor 0.5
     elif model_type == "qwen2":
         np.testing.assert_array_equal(tensors["blk.1.attn_q.bias"], state["model.layers.1.self_attn.q_proj.bias"].numpy())
+    elif model_type == "gpt2":  # Conv1D [in, out] -> GGUF's [out, in]; the tied head written as output
+        np.testing.assert_array_equal(tensors["blk.1.ffn_up.weight"], state["transformer.h.1.mlp.c_fc.weight"].numpy().T)
+        np.testing.assert_array_equal(tensors["output.weight"], tensors["token_embd.weight"])
+    elif model_type == "gpt_neox":  # per head (q, k, v) rows -> q | k | v
+        qkv = state["gpt_neox.layers.0.attention.query_key_value.weight"].numpy().reshape(4, 3, 16, 64)
+        np.testing.assert_array_equal(tensors["blk.0.attn_qkv.weight"][64:128], qkv[:, 1].reshape(64, 64))
     elif model_type == "granite":
         assert reader.fields["granite.logit_scale"].contents() == pytest.approx(2.0)
-    assert ("output.weight" in tensors) == (not cfg.tie_word_embeddings)
+    assert ("output.weight" in tensors) == (not cfg.tie_word_embeddings or model_type == "gpt2")
 
 
 # transformers' GGUF loader reads these back (it lacks olmo2, granite and gemma, and ignores qwen3's
@@ -250,15 +260,16 @@ def test_gguf_refusals_come_before_the_load(tmp_path, monkeypatch):
     name are refused from config.json and the tokenizer alone: nothing is loaded or merged."""
     from helpers_gguf import arch_model
     from helpers_models import save_folder
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import FalconConfig, FalconForCausalLM
 
     import loraforge.infer.merge as merge
 
     monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: pytest.fail("loaded before refusing"))
     tok = bpe_tokenizer()
     cases = {
-        "gpt2": (save_base(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok))), tok,
-                           tmp_path / "gpt2"), "does not support 'gpt2'"),
+        "falcon": (save_base(FalconForCausalLM(FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                            vocab_size=len(tok))), tok, tmp_path / "falcon"),
+                   "does not support 'falcon'"),
         "scale": (save_base(arch_model("gemma2", tok), tok, tmp_path / "gemma2"), None),
         "words": (save_folder(tiny_model(bpe_tokenizer()), tmp_path / "words"), "pre-tokenizer|byte-level BPE"),
     }

@@ -102,6 +102,11 @@ def file_type(gguf_type: str) -> int:
             "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0}[gguf_type]
 
 
+def regroup_qkv(array: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-NeoX's fused rows (per head: q, k, v) -> all q rows, all k rows, all v rows."""
+    return array.reshape(n_head, 3, -1).swapaxes(0, 1).reshape(array.shape)
+
+
 def gguf_tensors(model: nn.Module, spec, meta: dict, tied: bool):
     """(GGUF name, float32 array) for every tensor of a dense ``model`` under ``spec``."""
     name_of = tensor_names(spec.arch, meta["block_count"])
@@ -109,13 +114,19 @@ def gguf_tensors(model: nn.Module, spec, meta: dict, tied: bool):
         if tied and key == "lm_head.weight":
             continue
         array = tensor.detach().float().cpu().numpy()
-        if spec.permute_qk and key.endswith("self_attn.q_proj.weight"):
+        if key.endswith(spec.transposed or ("\0",)):
+            array = np.ascontiguousarray(array.T)
+        if spec.regroup_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
+            array = regroup_qkv(array, meta["attention.head_count"])
+        elif spec.permute_qk and key.endswith("self_attn.q_proj.weight"):
             array = permute_qk(array, meta["attention.head_count"])
         elif spec.permute_qk and key.endswith("self_attn.k_proj.weight"):
             array = permute_qk(array, meta["attention.head_count_kv"])
         elif spec.norm_shift and key.endswith("norm.weight"):
             array = array + np.float32(spec.norm_shift)
         yield name_of(key), array
+        if tied and spec.head_copy and name_of(key) == "token_embd.weight":
+            yield "output.weight", array
 
 
 def _add_metadata(writer, arch: str, meta: dict) -> None:
@@ -147,7 +158,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, gguf_type: str = "
     if spec.head_is_embedding and not tied:
         raise UserError(f"llama.cpp's {spec.arch} reads its output head from the embeddings; this merged model "
                         "has its own head (an adapted or trained lm_head) that GGUF cannot hold", where="--format gguf")
-    head = "token_embd.weight" if tied or spec.head_is_embedding else "output.weight"
+    head = "token_embd.weight" if (tied and not spec.head_copy) or spec.head_is_embedding else "output.weight"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

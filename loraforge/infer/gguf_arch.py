@@ -15,6 +15,12 @@ phi3          phi3                  fused ``attn_qkv`` and ``ffn_up`` (gate then
 gemma         gemma                 norms stored as 1 + w; head = token_embd (no output tensor)
 gemma2        gemma2                as gemma, plus post-norms, soft-capping, sliding window
 gemma3_text   gemma3                norms 1 + w, q/k norm, sliding window every 6th layer global
+stablelm      stablelm              LayerNorm with biases, partial NeoX rope, optional q/k/v biases
+phi           phi2                  LayerNorm, q/k/v/dense and fc1/fc2 with biases, output bias
+gpt_neox      gptneox               fused qkv regrouped from per-head (q, k, v) to q | k | v rows
+gpt2          gpt2                  Conv1D weights transposed, position embeddings, head written
+
+(falcon is not exported: its fused-qkv layouts vary with new_decoder_architecture / multi_query.)
 
 Tensor names come from ``gguf.TensorNameMap`` for the GGUF architecture (llama.cpp's converter
 uses the same table). :func:`gguf_layout` reads only the config, so ``merge --format gguf``
@@ -43,6 +49,11 @@ class GGUFArch:
     permute_qk: bool = False  # llama.cpp's "normal" rope pairs (x[2i], x[2i+1]); HF's halves
     norm_shift: float = 0.0  # added to every "*norm.weight" (Gemma's RMSNorm scales by 1 + w)
     head_is_embedding: bool = False  # llama.cpp reads the output head from token_embd only
+    layer_norm: bool = False  # LayerNorm (weight + bias, ``layer_norm_eps``) instead of RMSNorm
+    regroup_qkv: bool = False  # fused qkv rows per head (q, k, v) -> all q, all k, all v (GPT-NeoX)
+    transposed: tuple[str, ...] = ()  # state-dict keys stored [in, out] (GPT-2's Conv1D layout)
+    head_copy: bool = False  # output.weight written even when tied (llama.cpp's gpt2 reads it)
+    refused_flags: tuple[str, ...] = ("attention_bias", "mlp_bias", "use_sliding_window")  # true: refused
     extra: Callable[[object], dict] = field(default=lambda config: {})  # arch-specific metadata
 
 
@@ -104,6 +115,30 @@ def _gemma3(config) -> dict:
     return meta
 
 
+def _stablelm(config) -> dict:
+    if getattr(config, "use_parallel_residual", False) or getattr(config, "qk_layernorm", False):
+        raise UserError("stablelm with a parallel residual or q/k LayerNorm is not supported by the GGUF export",
+                        where=WHERE)
+    return {}
+
+
+def _phi2(config) -> dict:
+    if getattr(config, "qk_layernorm", False):
+        raise UserError("phi with q/k LayerNorm is not expressible in GGUF", where=WHERE)
+    return {}
+
+
+def _gpt_neox(config) -> dict:
+    return {"use_parallel_residual": bool(getattr(config, "use_parallel_residual", True)),
+            "attention.head_count_kv": int(config.num_attention_heads)}  # multi-head only
+
+
+def _gpt2(config) -> dict:
+    return {"attention.head_count_kv": int(config.num_attention_heads)}
+
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
 ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", permute_qk=True),
     "mistral": GGUFArch("llama", permute_qk=True),
@@ -115,6 +150,10 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "gemma": GGUFArch("gemma", norm_shift=1.0, head_is_embedding=True),
     "gemma2": GGUFArch("gemma2", norm_shift=1.0, head_is_embedding=True, extra=_gemma2),
     "gemma3_text": GGUFArch("gemma3", norm_shift=1.0, extra=_gemma3),
+    "stablelm": GGUFArch("stablelm", layer_norm=True, extra=_stablelm),
+    "phi": GGUFArch("phi2", layer_norm=True, extra=_phi2),
+    "gpt_neox": GGUFArch("gptneox", layer_norm=True, regroup_qkv=True, refused_flags=(), extra=_gpt_neox),
+    "gpt2": GGUFArch("gpt2", layer_norm=True, transposed=_CONV1D, head_copy=True, extra=_gpt2),
 }
 
 
@@ -146,7 +185,7 @@ def gguf_layout(config) -> tuple[GGUFArch, dict]:
         if kind != "default":
             raise UserError(f"rope scaling {kind!r} is not supported by the GGUF export (only unscaled rope)",
                             where=WHERE)
-    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+    for flag in spec.refused_flags:
         if getattr(config, flag, False):
             raise UserError(f"{config.model_type} with {flag} = true is not supported by the GGUF export",
                             where=WHERE)
@@ -160,12 +199,15 @@ def gguf_layout(config) -> tuple[GGUFArch, dict]:
         "context_length": int(config.max_position_embeddings),
         "embedding_length": int(config.hidden_size),
         "block_count": int(config.num_hidden_layers),
-        "feed_forward_length": int(config.intermediate_size),
+        "feed_forward_length": int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                                   or 4 * config.hidden_size),
         "attention.head_count": int(heads),
         "attention.head_count_kv": int(getattr(config, "num_key_value_heads", None) or heads),
         "attention.key_length": int(head_dim),
         "attention.value_length": int(head_dim),
-        "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        **({"attention.layer_norm_epsilon": float(getattr(config, "layer_norm_eps", None)
+                                                  or config.layer_norm_epsilon)} if spec.layer_norm
+           else {"attention.layer_norm_rms_epsilon": float(config.rms_norm_eps)}),
         "rope.freq_base": float(theta),
         "rope.dimension_count": int(math.floor(head_dim * rotary)),
         "vocab_size": int(config.vocab_size),
