@@ -287,3 +287,27 @@ def test_gguf_refusals_come_before_the_load(tmp_path, monkeypatch):
     for name, (folder, message) in cases.items():
         with pytest.raises(UserError, match=message):
             check_exportable_source(folder)
+
+
+def test_pre_tokenizer_names_llama_cpp_knows():
+    """The split rule of a byte-level BPE tokenizer -> llama.cpp's tokenizer.ggml.pre name."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loraforge.errors import UserError
+    from loraforge.infer.gguf_tokenizer import _LLAMA3, _QWEN2, check_tokenizer
+
+    def tokenizer(pre):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+    split = lambda pattern: pre_tokenizers.Sequence([  # noqa: E731
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
+    assert check_tokenizer(tokenizer(pre_tokenizers.ByteLevel())) == "gpt-2"
+    assert check_tokenizer(tokenizer(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                               pre_tokenizers.ByteLevel()]))) == "smollm"
+    assert check_tokenizer(tokenizer(split(_LLAMA3))) == "llama-bpe"
+    assert check_tokenizer(tokenizer(split(_QWEN2))) == "qwen2"
+    with pytest.raises(UserError, match="no pre-tokenizer"):
+        check_tokenizer(tokenizer(split(r"\s+")))
