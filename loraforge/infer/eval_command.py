@@ -1,10 +1,14 @@
-"""``loraforge eval MODEL [--adapter DIR] --data FILE [--metric perplexity|accuracy] [--compare]``
+"""``loraforge eval MODEL [--adapter DIR] --data FILE [--metric perplexity|accuracy|choice] [--compare]``
 
 - ``perplexity`` (default) on a ``.txt`` file: strided windows (``--window``, ``--stride``; see
   evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
   rendered with the training template.
 - ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
   ``contains``.
+- ``choice`` on multiple-choice rows (MMLU layout or A/B/C/D columns; see choice.py): the
+  log-likelihood of each option's letter (``--score letter``, QLoRA's way) or of its text
+  (``--score option``, length-normalised), ``--shots K`` examples from ``--dev FILE``;
+  per-subject and overall accuracy.
 - ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
   in the same run and prints them side by side.
 """
@@ -21,7 +25,8 @@ from loraforge.infer.cli_args import add_model_arguments, load_session, stderr_c
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="FILE", help=".txt text, a data set, or {prompt, answer} JSONL")
-    parser.add_argument("--metric", choices=("perplexity", "accuracy"), default="perplexity")
+    parser.add_argument("--metric", choices=("perplexity", "accuracy", "choice"), default="perplexity",
+                        help="choice: multiple-choice rows (question, choices, answer[, subject])")
     parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
     parser.add_argument("--window", type=int, default=None, metavar="N",
                         help="tokens per window / longest example (default min(1024, model context))")
@@ -30,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accuracy: output equals the answer (stripped), or contains it")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="accuracy: tokens per answer (default 32)")
     parser.add_argument("--raw", action="store_true", help="accuracy: prompts as plain text, without the chat template")
+    parser.add_argument("--score", choices=("letter", "option"), default="letter",
+                        help="choice: likelihood of the answer letter (default, QLoRA's way) or of the option text")
+    parser.add_argument("--shots", type=int, default=0, metavar="K", help="choice: K examples from --dev (default 0)")
+    parser.add_argument("--dev", default=None, metavar="FILE", help="choice: rows the shots are taken from")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per batch (default 8)")
+    parser.add_argument("--no-progress", action="store_true", help="choice: no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,15 +51,74 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("data file not found", where=str(data))
     if args.metric == "accuracy" and data.suffix.lower() == ".txt":
         raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
+    if args.metric == "choice":
+        return _choice(args)
     session = load_session(args)
     measure = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
-    results: dict[str, str] = {}
+    results = _measure_each(args, session, measure)
+    _print_table(args, results)
+    return 0
+
+
+def _measure_each(args, session, measure) -> dict:
+    """{"base": ..., "adapter": ...} with --compare, else {"adapter" or "model": ...}."""
+    results = {}
     if args.compare:
         with session.adapter.disable_adapter():
             results["base"] = measure()
     results["adapter" if args.adapter else "model"] = measure()
-    _print_table(args, results)
+    return results
+
+
+def _choice(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from loraforge.infer.choice import choice_accuracy, continuations_count, read_choice_rows
+    from loraforge.infer.prompts import pad_token_id
+
+    if args.shots < 0:
+        raise UserError(f"expected shots >= 0, got {args.shots}", where="--shots")
+    if args.shots and not args.dev:
+        raise UserError("shots are taken from a dev file; give it with --dev", where="--shots")
+    if args.template:
+        raise UserError("choice prompts are MMLU's plain text; --template does not apply", where="--template")
+    items = read_choice_rows(args.data)  # bad input before the slow load
+    dev = read_choice_rows(args.dev) if args.dev else []
+    session = load_session(args)
+    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr_console(), disable=args.no_progress)
+
+    def measure():
+        task = progress.add_task("choice", total=continuations_count(items))
+        return choice_accuracy(session.model, session.tokenizer, items, score=args.score, dev=dev, shots=args.shots,
+                               pad_id=pad_token_id(session.tokenizer), batch_size=args.batch_size,
+                               on_batch=lambda n: progress.advance(task, n), dev_name=args.dev or "--dev")
+
+    with progress:
+        results = _measure_each(args, session, measure)
+    _print_choice_table(args, results)
     return 0
+
+
+def _print_choice_table(args, results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(counts) -> str:
+        correct, total = counts
+        return f"{correct / total:.2%} ({correct}/{total})" if total else "-"
+
+    shots = f", {args.shots}-shot" if args.shots else ", 0-shot"
+    table = Table(title=f"choice accuracy ({args.score}{shots}) on {args.data}")
+    table.add_column("subject")
+    for name in results:
+        table.add_column(name, justify="right")
+    first = next(iter(results.values()))
+    subjects = sorted((s for s in first.per_subject if s is not None))
+    for subject in subjects + ([None] if None in first.per_subject and subjects else []):
+        table.add_row(subject or "(none)", *(cell(r.per_subject[subject]) for r in results.values()))
+    table.add_row("overall", *(cell((r.correct, r.total)) for r in results.values()))
+    Console(highlight=False, soft_wrap=True).print(table)
 
 
 def _perplexity(args, session):

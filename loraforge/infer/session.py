@@ -38,8 +38,9 @@ def load_for_inference(source: str | Path, adapter: str | Path | None = None, *,
     return InferenceSession(adapter_model, tokenizer, adapter_model, trained_template(adapter))
 
 
-def attach_adapter_folder(model, adapter: str | Path, source: str):
-    """``load_adapter`` with a clearer message when the adapter was made for another base."""
+def attach_adapter_folder(model, adapter: str | Path, source: str, name: str = "default"):
+    """``load_adapter`` (as adapter ``name``; on an AdapterModel, beside the others) with a clearer
+    message when the adapter was made for another base."""
     import json
 
     from loraforge.adapters import load_adapter
@@ -47,9 +48,9 @@ def attach_adapter_folder(model, adapter: str | Path, source: str):
     folder = Path(adapter)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        return load_adapter(model, folder)  # its own error: folder or config missing
+        return load_adapter(model, folder, name=name)  # its own error: folder or config missing
     try:
-        return load_adapter(model, folder)
+        return load_adapter(model, folder, name=name)
     except UserError as err:
         try:
             base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
