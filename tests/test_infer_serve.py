@@ -167,3 +167,33 @@ def test_bad_serve_arguments_exit_2(folders, capsys):
     assert "two adapters are called 'x'" in capsys.readouterr().err
     assert main(["serve", str(folders / "base"), "--api-key-env", "LORAFORGE_SURELY_UNSET_VAR"]) == 2
     assert "LORAFORGE_SURELY_UNSET_VAR" in capsys.readouterr().err
+
+
+def test_adapters_share_one_4bit_base(folders, tmp_path):
+    """--quantize nf4: one copy of the 4-bit base under both adapters; answers equal generate's."""
+    from loraforge.adapters.base import AdapterLayer
+    from loraforge.infer.serve_command import build
+    from loraforge.quant.linear import QuantLinear
+
+    args = build_parser().parse_args(["serve", str(folders / "base"), "--quantize", "nf4", "--port", "0",
+                                      "--adapter", str(folders / "one"), "--adapter", str(folders / "two")])
+    httpd = build(args)
+    model = httpd.RequestHandlerClass.models.model
+    adapted = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert adapted and all(isinstance(m.base_layer, QuantLinear) and m.adapter_names() == ["one", "two"]
+                           for m in adapted)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7  # 2 layers x 7 projections
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = Client(httpd.server_address[1], key=None)
+        (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+        for name in ("one", "base"):
+            cmd = ["generate", str(folders / "base"), "--quantize", "nf4", "--prompts", str(tmp_path / "p.jsonl"),
+                   "--out", str(tmp_path / "o.jsonl"), "--max-new-tokens", str(MAX_TOKENS), "--no-progress"]
+            assert main(cmd + (["--adapter", str(folders / name)] if name != "base" else [])) == 0
+            want = json.loads((tmp_path / "o.jsonl").read_text())["output"]
+            status, body = client.chat(name)
+            assert status == 200 and body["choices"][0]["message"]["content"] == want
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -62,7 +62,9 @@ def parse_request(body: object, *, chat: bool, max_tokens_limit: int) -> Complet
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "expected 'prompt' to be a non-empty string", param="prompt")
         request.prompt = prompt
-    max_tokens = _get(body, "max_completion_tokens", int) or _get(body, "max_tokens", int)
+    max_tokens = _get(body, "max_completion_tokens", int)  # the newer name wins over max_tokens
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", int)
     if max_tokens is not None:
         if not 1 <= max_tokens <= max_tokens_limit:
             raise ApiError(400, f"expected 1 <= max_tokens <= {max_tokens_limit} (this server's limit), got {max_tokens}",
