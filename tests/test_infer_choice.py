@@ -159,3 +159,19 @@ def test_shots_need_a_dev_file_with_enough_rows(folders, capsys):
     assert "--dev" in capsys.readouterr().err
     assert main(base + ["--shots", "3", "--dev", str(folders / "dev.jsonl"), "--no-progress"]) == 2
     assert "3 shots need 3 dev rows with subject" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_continuation_logprobs_equal_one_sequence_at_a_time():
+    from loraforge.infer.choice import continuation_logprobs
+
+    tok = bpe_tokenizer()
+    model = tiny_model(tok)
+    ctx_a, ctx_b = tok.encode("the capital of france is"), tok.encode("one two")
+    pairs = [(ctx_a, tok.encode(" paris")), (ctx_a, tok.encode(" A")), (ctx_a, tok.encode(" B")),
+             (ctx_b, tok.encode(" three")), (ctx_b, [5]), (ctx_a, [7]), (ctx_b, tok.encode(" A"))]
+    got = continuation_logprobs(model, pairs, pad_id=tok.pad_token_id, batch_size=2)
+    for (ctx, cont), value in zip(pairs, got):
+        logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].float()
+        want = sum(F.log_softmax(logits[len(ctx) + j - 1], -1)[t].item() for j, t in enumerate(cont))
+        assert value == pytest.approx(want, abs=1e-4)

@@ -173,27 +173,37 @@ def split_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], li
 @torch.no_grad()
 def continuation_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
                           on_batch: Callable[[int], None] | None = None) -> list[float]:
-    """Summed log p(continuation | context) for each (context ids, continuation ids) pair;
-    batches of similar length, right-padded (real tokens keep positions 0..n-1)."""
+    """Summed log p(continuation | context) for each (non-empty context ids, non-empty
+    continuation ids) pair.
+
+    Pairs whose ``context + continuation[:-1]`` agree (the letters " A", " B", ... after one
+    prompt) share one forward pass over that sequence: its last position gives every member's
+    final token, the earlier positions their shared tokens (a causal model's logits at a position
+    do not depend on what follows). Sequences run in batches of similar length, right-padded, so
+    real tokens keep positions 0..n-1."""
     device = next(model.parameters()).device
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        groups.setdefault((len(ctx), tuple(ctx) + tuple(cont[:-1])), []).append(i)
+    keys = sorted(groups, key=lambda key: len(key[1]))
     out = [0.0] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start:start + batch_size]
+        width = max(len(seq) for _, seq in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, seq) in enumerate(chunk):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
         logprobs = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
-        for row, i in enumerate(chunk):
-            ctx, cont = pairs[i]
-            positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
-            out[i] = logprobs[row, positions, torch.tensor(cont, device=device)].sum().item()
+        for row, (n_ctx, seq) in enumerate(chunk):
+            lp, end = logprobs[row], len(seq) - 1
+            shared_targets = torch.tensor(seq[n_ctx:], dtype=torch.long, device=device)
+            shared = lp[torch.arange(n_ctx - 1, end, device=device), shared_targets].sum().item()
+            for i in groups[(n_ctx, seq)]:
+                out[i] = shared + lp[end, pairs[i][1][-1]].item()
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(sum(len(groups[key]) for key in chunk))
     return out
 
 
