@@ -177,6 +177,11 @@ def test_judge_against_serve(tmp_path, capsys):
             assert r["judge_output"] == local(f"which is better? {r['question']}\nA: {first}\nB: {second}\n")
         out = capsys.readouterr().out
         assert "Elo" in out and "95% interval" in out
+        local_cmd = cmd[:cmd.index("--judge")] + ["--judge", str(tmp_path / "base")] + cmd[cmd.index("--max-tokens"):]
+        local_cmd[local_cmd.index("--out") + 1] = str(tmp_path / "local.jsonl")
+        assert main(local_cmd) == 0  # the same judge run locally gives the same judgments
+        local_rows = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+        assert local_rows == rows
         assert main(cmd[:-4] + ["--judge-model", "nope", "--out", str(tmp_path / "k.jsonl")]) == 2
         assert "404" in capsys.readouterr().err
     finally:
