@@ -60,8 +60,9 @@ def attach_adapter_folder(model, adapter: str | Path, source: str):
                         "load it on the base model it was trained on", where=err.where) from None
 
 
-def trained_template(adapter: str | Path) -> str | None:
-    """``data.template`` from the ``config.yaml`` that ``loraforge train`` writes beside the adapter."""
+def training_config(adapter: str | Path) -> dict | None:
+    """The ``config.yaml`` that ``loraforge train`` writes beside the adapter, as plain data
+    (None when there is none, e.g. an adapter trained with PEFT)."""
     import yaml
 
     file = Path(adapter) / "config.yaml"
@@ -71,6 +72,12 @@ def trained_template(adapter: str | Path) -> str | None:
         config = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    data = config.get("data") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def trained_template(adapter: str | Path) -> str | None:
+    """``data.template`` of the adapter's training run, if known."""
+    config = training_config(adapter) or {}
+    data = config.get("data")
     template = data.get("template") if isinstance(data, dict) else None
     return template if isinstance(template, str) else None
