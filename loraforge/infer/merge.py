@@ -108,15 +108,17 @@ def merge_adapter(source: str | Path, adapter: str | Path | None, *, into: str =
     into the weights ``merge_target`` picks.
 
     Layers the adapter does not touch stay as loaded (4-bit layers stay 4-bit)."""
-    from loraforge.infer.session import attach_adapter_folder
+    from loraforge.adapters.io import read_adapter
+    from loraforge.infer.session import attach_adapter
     from loraforge.models import load_model
 
     if adapter is None:
         return load_model(source, compute_dtype=torch.float32)
     quant = merge_target(source, adapter, into).quantization or {}
+    contents = read_adapter(adapter)  # a broken adapter file fails before the slow load
     model, tokenizer = load_model(source, quantize=quant.get("type"), blocksize=quant.get("blocksize", 64),
                                   double_quant=quant.get("double_quant", True), compute_dtype=torch.float32)
-    adapter_model = attach_adapter_folder(model, adapter, str(source))
+    adapter_model = attach_adapter(model, contents, adapter, str(source))
     merged = adapter_model.merge_and_unload()
     mark_untied(merged)
     return merged, tokenizer
