@@ -46,3 +46,9 @@ def stderr_console():
     from rich.console import Console
 
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def print_note(notice: str | None) -> None:
+    """A one-line note on stderr (nothing for None)."""
+    if notice:
+        stderr_console().print(f"note: {notice}", markup=False)

@@ -4,7 +4,7 @@
   evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
   rendered with the training template.
 - ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
-  ``contains``.
+  ``contains``. A prompt too long for the model's context is cut from the left (with a note).
 - ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
   in the same run and prints them side by side.
 """
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from loraforge.errors import UserError
-from loraforge.infer.cli_args import add_model_arguments, load_session, stderr_console
+from loraforge.infer.cli_args import add_model_arguments, load_session, print_note, stderr_console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +58,13 @@ def _perplexity(args, session):
         perplexity_text,
         text_token_ids,
     )
-    from loraforge.infer.prompts import pad_token_id
+    from loraforge.infer.prompts import context_length, pad_token_id
 
-    context = getattr(session.model.config, "max_position_embeddings", None) or 1024
+    context = context_length(session.model) or 1024
     window = args.window or min(1024, context)
-    if window < 2:
-        raise UserError(f"expected a window of at least 2 tokens, got {window}", where="--window")
+    if not 2 <= window <= context:
+        raise UserError(f"expected a window of 2 to {context:,} tokens (the model's context), got {window:,}",
+                        where="--window")
     if Path(args.data).suffix.lower() == ".txt":
         stride = args.stride or max(window // 2, 1)
         ids = text_token_ids(Path(args.data).read_text(encoding="utf-8"), session.tokenizer)
@@ -86,7 +87,9 @@ def _accuracy(args, session):
     from loraforge.infer.evaluate import accuracy, read_qa_rows
     from loraforge.infer.generate import GenerationSettings, generate
     from loraforge.infer.prompts import (
+        context_length,
         encode_text,
+        fit_context,
         pad_token_id,
         resolve_template,
         stop_token_ids,
@@ -95,8 +98,10 @@ def _accuracy(args, session):
     rows = read_qa_rows(args.data)
     tokenizer = session.tokenizer
     template = None if args.raw else resolve_template(tokenizer, args.template, session.trained_template)
-    prompts = [encode_text(row["prompt"], tokenizer, template) for row in rows]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    prompts, notice = fit_context([encode_text(row["prompt"], tokenizer, template) for row in rows],
+                                  context_length(session.model), settings.max_new_tokens)
+    print_note(notice)
     stops = stop_token_ids(tokenizer, session.model, chat=template is not None)
 
     def measure() -> str:

@@ -2,8 +2,10 @@
 
 One prompt: the reply streams to stdout. A prompts file (JSONL rows with ``prompt``, or
 ``messages`` for a whole conversation; other fields are carried through): batches of
-``--batch-size`` prompts of similar length, left-padded, with a progress bar on stderr; each
-row is written back with its generated ``output`` to ``--out`` (atomically) or to stdout.
+``--batch-size`` prompts of similar length, left-padded, with a progress bar on stderr when it
+is a terminal; each row is written back with its generated ``output`` to ``--out`` (atomically)
+or to stdout. A prompt too long for the model's context is cut from the left, leaving room for
+the reply, with a one-line note on stderr (see prompts.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from loraforge.infer.cli_args import (
     add_model_arguments,
     add_sampling_arguments,
     load_session,
+    print_note,
     settings_from_args,
     stderr_console,
 )
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl,
     )
     from loraforge.infer.prompts import (
+        context_length,
         encode_text,
+        fit_context,
         pad_token_id,
         resolve_template,
         stop_token_ids,
@@ -66,13 +71,17 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.manual_seed(settings.seed)
-        ids = encode_text(args.prompt, tokenizer, template)
+        (ids,), notice = fit_context([encode_text(args.prompt, tokenizer, template)], context_length(model),
+                                     settings.max_new_tokens)
+        print_note(notice)
         write = _stdout_writer()
         generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=stream_writer(tokenizer, write))
         write("\n")
         return 0
 
-    prompts = [encode_row(row, tokenizer, template) for row in rows]
+    prompts, notice = fit_context([encode_row(row, tokenizer, template) for row in rows], context_length(model),
+                                  settings.max_new_tokens)
+    print_note(notice)
     started = time.perf_counter()
     with _progress(len(prompts), disable=args.no_progress) as advance:
         outputs = generate(model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad,
