@@ -7,6 +7,8 @@ folder: ``model.safetensors`` (float32, tied tensors stored once, so ``tie_word_
 re-ties them on load), ``config.json`` (without the ``gguf`` quantization entry),
 ``generation_config.json``, the fast tokenizer (``tokenizer.json`` + its config + chat template)
 and ``source.json`` (what it was made from). Later loads read that folder: a few seconds.
+The conversion shows its steps (tokenizer, tensors, writing) with a live bar when stderr is a
+terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from loraforge.errors import UserError
 from loraforge.models.cache import atomic_directory, cache_root, file_digest
 from loraforge.models.quiet import quiet_transformers
 from loraforge.models.validate import check_gguf
+from loraforge.progress import progress
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
 
@@ -57,12 +60,22 @@ def cached_gguf_folder(path: Path) -> Path:
 def convert_gguf(path: Path, out: Path) -> None:
     """Dequantize the GGUF file ``path`` with transformers and save it as a model folder in ``out``."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_transformers(capture_stderr=True):
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with progress("reading the tokenizer", 3, unit="steps") as advance:
+        with quiet_transformers(capture_stderr=True):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            advance(1, description="dequantizing the tensors")
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        advance(1, description="writing safetensors")
+        _save_folder(model, tokenizer, out)
+        advance(1)
+
+
+def _save_folder(model, tokenizer, out: Path) -> None:
+    """The converted model as a Hugging Face folder (tied tensors stored once)."""
+    from safetensors.torch import save_file
+
     config = copy.deepcopy(model.config)
     del config.quantization_config  # the weights below are plain float32, no longer GGUF
     config.architectures = [type(model).__name__]
