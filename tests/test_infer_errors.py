@@ -132,3 +132,20 @@ def test_chat_cuts_a_long_message_and_eval_refuses_a_window_beyond_the_context(t
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "base"), "--data", str(tmp_path / "text.txt"), "--window", "64"]) == 2
     assert "expected a window of 2 to 48 tokens (the model's context), got 64" in capsys.readouterr().err
+
+
+def test_a_damaged_gguf_cache_entry_is_converted_again(tmp_path, monkeypatch, capsys):
+    from loraforge.infer.export_gguf import write_gguf
+    from loraforge.models import load_model
+    from loraforge.models.gguf import gguf_cache_entry
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    tok = bpe_tokenizer()
+    gguf_file = write_gguf(tiny_model(tok), tok, tmp_path / "tiny.gguf", "f32")
+    ids = torch.tensor([tok.encode("the quick brown fox")])
+    want = load_model(gguf_file)[0](input_ids=ids).logits
+    weights = gguf_cache_entry(gguf_file) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    torch.testing.assert_close(load_model(gguf_file)[0](input_ids=ids).logits, want, rtol=0, atol=0)
+    assert "converting tiny.gguf to safetensors again (the cached copy was damaged)" in capsys.readouterr().err
