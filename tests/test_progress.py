@@ -75,3 +75,21 @@ def test_gguf_conversion_shows_its_steps_on_a_terminal(tmp_path, monkeypatch):
     drawn = terminal.getvalue()
     assert "dequantizing the tensors" in drawn and "writing safetensors" in drawn and "3/3" in drawn
     assert (tmp_path / "converted" / "model.safetensors").is_file()
+
+
+def test_hashing_a_large_file_shows_a_bar(tmp_path, monkeypatch):
+    import hashlib
+
+    from loraforge.models import cache
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_BAR_BYTES", 1 << 20)  # "large" here: 1 MiB, not 1 GiB
+    data = bytes(range(256)) * 12288  # 3 MiB
+    (tmp_path / "big.gguf").write_bytes(data)
+    (tmp_path / "small.gguf").write_bytes(data[:1000])
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert cache.file_digest(tmp_path / "small.gguf") == hashlib.sha256(data[:1000]).hexdigest()
+    assert terminal.getvalue() == ""
+    assert cache.file_digest(tmp_path / "big.gguf") == hashlib.sha256(data).hexdigest()
+    assert "hashing big.gguf" in terminal.getvalue() and "3/3" in terminal.getvalue()
