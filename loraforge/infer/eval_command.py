@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", choices=("perplexity", "accuracy"), default="perplexity")
     parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
     parser.add_argument("--window", type=int, default=None, metavar="N",
-                        help="tokens per window / longest example (default min(1024, model context))")
+                        help="tokens per window / longest example (default min(1024, model context); at most the context)")
     parser.add_argument("--stride", type=int, default=None, metavar="N", help="window step for .txt (default window/2)")
     parser.add_argument("--match", choices=("exact", "contains"), default="exact",
                         help="accuracy: output equals the answer (stripped), or contains it")

@@ -15,7 +15,6 @@ import sys
 import time
 
 from loraforge.errors import UserError
-from loraforge.progress import progress
 from loraforge.infer.cli_args import (
     add_model_arguments,
     add_sampling_arguments,
@@ -24,6 +23,7 @@ from loraforge.infer.cli_args import (
     settings_from_args,
     stderr_console,
 )
+from loraforge.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
