@@ -16,6 +16,16 @@ save only the newest ``keep_last`` checkpoints remain.
 
 Resuming restores the trainable tensors from ``trainer_state.pt`` (bit for bit, whatever dtype
 the PEFT export uses), then optimizer, scheduler, method state, RNG states and data position.
+
+With several processes (:mod:`loraforge.train.distributed`) every rank calls save and load;
+rank 0 alone writes. The RNG states of all ranks are saved (``rng_ranks``), so resuming with the
+same world size continues exactly. Under FSDP the trainable tensors and the optimizer state are
+sharded; they are gathered whole to rank 0 (``full_state_dict``) and saved in the same
+world-size-free form, and loading hands each rank its shard again, so a run also resumes, not
+bit-exactly (other ranks' RNG streams, other float sums), with a different world size. The
+adapter and its optimizer state are small (the base is frozen and never saved), so gathering
+them costs little and keeps one checkpoint format. Ranks read the checkpoint from the same path:
+several machines need a shared ``output_dir``.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from loraforge.train.distributed import World, full_tensor
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -94,44 +106,72 @@ def _as_tuple(value):
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, whole (FSDP shards gathered: a collective, call on every rank)."""
+    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def optimizer_state(optimizer, model, world: World) -> dict:
+    """The optimizer's state dict; under FSDP the full one, keyed by parameter names, on rank 0."""
+    if world.mode != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_adapter(adapter_model, directory: Path, world: World = World()) -> None:
+    """The adapter in PEFT's format, written by rank 0 (FSDP shards gathered first, on every rank)."""
+    from loraforge.adapters.io import adapter_tensors, save_adapter as write
+
+    for name in adapter_model.configs:
+        folder = Path(directory) if name == "default" else Path(directory) / name
+        tensors = {k: full_tensor(v) for k, v in adapter_tensors(adapter_model, name).items()}
+        if world.is_main:
+            write(adapter_model, name, folder, tensors=tensors)
 
 
 def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, position: Position,
-                    keep_last: int, hooks=None) -> Path:
-    """Write the checkpoint of ``position.step`` atomically; prune to ``keep_last``."""
+                    keep_last: int, hooks=None, world: World = World()) -> Path:
+    """Write the checkpoint of ``position.step`` atomically; prune to ``keep_last``. Every rank
+    calls it (the gathering is collective); rank 0 writes, the others wait for it."""
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{position.step:06d}"
-    tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    adapter_model.save_pretrained(tmp / "adapter")
+    tmp, final = root / f".tmp-{name}", root / name
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    save_adapter(adapter_model, tmp / "adapter", world)
     state = {
         "trainable": trainable_state(adapter_model),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(optimizer, adapter_model, world),
         "scheduler": scheduler.state_dict(),
         "hooks": hooks.state_dict() if hooks is not None else {},
         "rng": rng_state(),
+        "rng_ranks": world.gather_objects(rng_state()),
         "position": {"step": position.step, "epoch": position.epoch, "index": position.index},
+        "world": {"size": world.size, "mode": world.mode},
     }
-    with open(tmp / "trainer_state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    final = root / name
-    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if world.is_main:
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
     return final
 
 
-def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=None) -> Position:
+def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=None,
+                    world: World = World()) -> Position:
     """Restore everything saved in ``path`` (``hooks``: the method's training hooks); returns the
-    data position to continue from."""
+    data position to continue from. Every rank reads the same file and keeps its own part."""
     state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
     params = dict(adapter_model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
@@ -142,12 +182,35 @@ def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=No
             "checkpoint does not match the configured adapter (changed method, rank or targets?)",
             where=str(path),
         )
+    saved_mode = state.get("world", {}).get("mode", "single")
+    if (saved_mode == "fsdp") != (world.mode == "fsdp"):
+        from loraforge.errors import UserError
+
+        raise UserError(f"checkpoint was written by a {saved_mode} run; resume it with "
+                        f"train.distributed: {'fsdp' if saved_mode == 'fsdp' else 'ddp'} "
+                        f"(or one process), not {world.mode}", where=str(path))
     with torch.no_grad():
         for n, value in state["trainable"].items():
-            params[n].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+            copy_into(params[n], value)
+    if world.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(adapter_model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if hooks is not None and state.get("hooks"):
         hooks.load_state_dict(state["hooks"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    set_rng_state(ranks[world.rank] if len(ranks) == world.size else ranks[world.rank % len(ranks)])
     return Position(**state["position"])
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param <- value``; a sharded (DTensor) parameter takes its own shard of ``value``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
