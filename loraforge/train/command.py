@@ -1,11 +1,19 @@
-"""``loraforge train [CONFIG.yaml] [key=value ...] [--resume]``; with no config, the embedded demo."""
+"""``loraforge train [CONFIG.yaml] [key=value ...] [--resume] [--nproc N]``; with no config, the
+embedded demo.
+
+``--nproc N`` starts N processes on this machine through PyTorch's launcher,
+``torch.distributed.run`` (what ``torchrun --standalone --nproc-per-node N -m loraforge train
+...`` does), after checking the config and the data once here. For several machines use
+torchrun itself (``--nnodes``, ``--rdzv-*``). A failed rank stops the others (torchrun's agent
+does) and the command exits non-zero naming the rank.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from loraforge.errors import UserError
+from loraforge.errors import RunFailed, UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in output_dir")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train with N processes on this machine (torch.distributed.run; "
+                             "train.distributed: ddp or fsdp)")
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -40,5 +51,27 @@ def run(args: argparse.Namespace) -> int:
     from loraforge.train.config import load_config
     from loraforge.train.loop import train
 
-    train(load_config(config_path, overrides))
+    config = load_config(config_path, overrides)
+    if args.nproc is not None:
+        return launch(args.nproc, config, [*args.items, *(["--resume"] if args.resume else [])])
+    train(config)
+    return 0
+
+
+def launch(nproc: int, config, argv: list[str]) -> int:
+    """Run ``loraforge train ARGV`` on ``nproc`` local processes via torch.distributed.run."""
+    if nproc < 1:
+        raise UserError(f"expected --nproc >= 1, got {nproc}", where="--nproc")
+    from loraforge.train.loop import read_inputs
+
+    read_inputs(config)  # bad data fails once, here, before any process starts
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "loraforge", "train", *argv])
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        raise RunFailed(f"rank {rank} of {nproc} failed ({how}); every rank was stopped") from None
     return 0
