@@ -6,7 +6,8 @@ random Llama (saved as an HF folder, loaded by every rank like any model):
   global batch (2 x 2 x 2 ranks = 4 x 2 x 1), for LoRA on a plain and on an NF4 base and for DoRA;
 - fsdp holds about half of the packed 4-bit base on each rank, and its adapter loads in PEFT;
 - a rank killed mid-run ends the run (non-zero, bounded time, naming the rank) and ``--resume``
-  finishes it equal to an uninterrupted run.
+  finishes it equal to an uninterrupted run (ddp); an fsdp checkpoint resumes bit-exactly with
+  the same world size and, within 1e-5, in one process.
 
 All two-process runs but the kill / resume pair share one torchrun launch (each launch costs
 seconds on a small machine).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ CASES = {
     "lora-nf4": ["quantization.type=nf4"],
     "dora-nf4": ["quantization.type=nf4", "adapter.method=dora"],
 }
+SAVE = ["train.save_every=2", "train.keep_last=4"]
 LONG = ["quantization=null", "train.steps=16", "train.save_every=4", "train.keep_last=8"]
 
 
@@ -68,9 +71,12 @@ def env() -> dict[str, str]:
 def two_process(files) -> str:
     """One torchrun launch (2 ranks) training every ddp and fsdp case plus the long ddp run;
     returns rank 0's console output."""
-    specs = [(f"{mode}-{case}", overrides(files, f"{mode}-{case}", f"train.distributed={mode}", *extra))
+    specs = [(f"{mode}-{case}", overrides(files, f"{mode}-{case}", f"train.distributed={mode}", *extra, *SAVE), None)
              for mode in ("ddp", "fsdp") for case, extra in CASES.items()]
-    specs.append(("ddp-long", overrides(files, "ddp-long", *LONG)))
+    specs.append(("ddp-long", overrides(files, "ddp-long", *LONG), None))
+    specs.append(("fsdp-resumed", overrides(files, "fsdp-resumed", "train.distributed=fsdp", *CASES["lora-nf4"],
+                                            *SAVE, "resume=true"),
+                  str(files["root"] / "fsdp-lora-nf4" / "checkpoints" / "step-000002")))
     spec = files["root"] / "specs.json"
     spec.write_text(json.dumps(specs), encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -218,3 +224,17 @@ def test_killed_rank_ends_the_run_and_resume_finishes_it_equal(files, two_proces
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["loss"] for r in log_rows(out) if "loss" in r]
     assert losses == [r["loss"] for r in log_rows(uninterrupted) if "loss" in r] and len(losses) == 16
+
+
+def test_fsdp_checkpoint_resumes_exactly_with_two_ranks_and_correctly_with_one(files, two_process):
+    uninterrupted = adapter(files["root"] / "fsdp-lora-nf4")
+    resumed = adapter(files["root"] / "fsdp-resumed")  # 2 ranks, from the 2-rank step-2 checkpoint
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    one = files["root"] / "fsdp-resumed-by-one"
+    (one / "checkpoints").mkdir(parents=True)
+    shutil.copytree(files["root"] / "fsdp-lora-nf4" / "checkpoints" / "step-000002", one / "checkpoints" / "step-000002")
+    result = train(load_config(None, overrides(files, one.name, *CASES["lora-nf4"], "train.batch_size=4",
+                                               "resume=true")))
+    assert len(result.losses) == 2  # steps 3 and 4
+    assert max_relative_difference(adapter(one), uninterrupted) < 1e-5

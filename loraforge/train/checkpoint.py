@@ -183,16 +183,15 @@ def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=No
             where=str(path),
         )
     saved_mode = state.get("world", {}).get("mode", "single")
-    if (saved_mode == "fsdp") != (world.mode == "fsdp"):
+    if world.mode == "fsdp" and saved_mode != "fsdp":
         from loraforge.errors import UserError
 
-        raise UserError(f"checkpoint was written by a {saved_mode} run; resume it with "
-                        f"train.distributed: {'fsdp' if saved_mode == 'fsdp' else 'ddp'} "
-                        f"(or one process), not {world.mode}", where=str(path))
+        raise UserError(f"checkpoint was written by a {saved_mode} run, whose optimizer state fsdp cannot "
+                        "shard; resume it with train.distributed: ddp or one process", where=str(path))
     with torch.no_grad():
         for n, value in state["trainable"].items():
             copy_into(params[n], value)
-    if world.mode == "fsdp":
+    if saved_mode == "fsdp":  # parameter-name keys: any world size, sharded or not
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(adapter_model, optimizer, state["optimizer"],

@@ -263,11 +263,16 @@ def train_step(run: Run) -> int:
     method_logs.update(run.hooks.after_optimizer_step(step, lr))  # reads .grad: before zero_grad
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    (seen,) = run.world.sum([sum(len(e["input_ids"]) for idx in indices for e in (run.train_set[i] for i in idx))])
+    seen = sum(len(run.train_set[i]["input_ids"]) for idx in indices for i in idx)
+    memory = [0.0] * run.world.size
+    memory[run.world.rank] = peak_memory_bytes(run.device)
+    seen, *memory = run.world.sum([seen, *memory])  # one all-reduce: global tokens, each rank's peak
     run.result.losses.append(loss)
     run.result.steps = step
     run.log.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(seen), trained_tokens=trained,
-                 seconds=time.perf_counter() - start, peak_memory=peak_memory_bytes(run.device), **method_logs)
+                 seconds=time.perf_counter() - start, peak_memory=int(memory[0]), **method_logs)
+    if run.world.size > 1:
+        run.log.record({"step": step, "peak_memory_per_rank": [int(m) for m in memory]})
     return step
 
 
