@@ -238,3 +238,21 @@ def test_fsdp_checkpoint_resumes_exactly_with_two_ranks_and_correctly_with_one(f
                                                "resume=true")))
     assert len(result.losses) == 2  # steps 3 and 4
     assert max_relative_difference(adapter(one), uninterrupted) < 1e-5
+
+
+def test_bad_distributed_settings_fail_before_any_process_starts(files, tmp_path, capsys):
+    from loraforge.cli import main
+    from loraforge.errors import UserError
+
+    with pytest.raises(UserError, match='did you mean "fsdp"'):
+        load_config(None, overrides(files, "x", "train.distributed=fsdpp"))
+    with pytest.raises(UserError, match="fsdp trains lora and dora"):
+        load_config(None, overrides(files, "x", "train.distributed=fsdp", "adapter.method=adalora"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n', encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {files['model']}\n", encoding="utf-8")
+    started = time.monotonic()
+    assert main(["train", str(config), f"data.train={bad}", f"output_dir={tmp_path / 'out'}", "--nproc", "2"]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert time.monotonic() - started < 20  # no process was launched

@@ -11,6 +11,7 @@ does) and the command exits non-zero naming the rank.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from loraforge.errors import RunFailed, UserError
@@ -62,6 +63,8 @@ def launch(nproc: int, config, argv: list[str]) -> int:
     """Run ``loraforge train ARGV`` on ``nproc`` local processes via torch.distributed.run."""
     if nproc < 1:
         raise UserError(f"expected --nproc >= 1, got {nproc}", where="--nproc")
+    if "WORLD_SIZE" in os.environ:
+        raise UserError("this process was started by torchrun already; leave --nproc out", where="--nproc")
     from loraforge.train.loop import read_inputs
 
     read_inputs(config)  # bad data fails once, here, before any process starts

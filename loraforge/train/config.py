@@ -490,6 +490,9 @@ def _check_config(c: Config, where: _Where) -> None:
         need(t.distributed != "fsdp" or a.method in FSDP_METHODS, "train.distributed",
              f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {a.method}'s step between optimizer steps "
              "reads whole (unsharded) tensors: use train.distributed: ddp")
+        need(t.distributed != "fsdp" or t.optimizer == "adamw", "train.distributed",
+             f"fsdp trains with optimizer adamw; {t.optimizer} is not built for sharded (DTensor) parameters: "
+             "use train.distributed: ddp")
         need(t.distributed != "fsdp" or a.init != "loftq", "train.distributed",
              "init: loftq saves the quantized base it made, which fsdp holds in shards: use train.distributed: ddp")
     if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
