@@ -222,8 +222,13 @@ def main() -> None:
         (loraforge_worker if kind == "lf" else peft_worker)(a, mode)
         return
     chosen = a.arms.split(",") if a.arms else arms(a.nproc)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="lf-bench-") as out:
-        rows = [r for arm in chosen if (r := run_arm(arm, a, out)) is not None]
+        for arm in chosen:
+            start = time.perf_counter()
+            row = run_arm(arm, a, out)
+            print(f"{arm}: {time.perf_counter() - start:.0f} s (start-up and loading included)", flush=True)
+            rows += [row] if row is not None else []
     print_table(rows, a)
 
 

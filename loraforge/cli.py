@@ -23,7 +23,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),
     "eval": ("loraforge.infer.eval_command", "perplexity or accuracy of a model (and adapter); --compare"),
+    "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
+
+
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("loraforge")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraforge", description="Fine-tune LLMs cheaply: LoRA family on 4-bit bases."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"loraforge {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

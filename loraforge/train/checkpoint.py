@@ -9,10 +9,12 @@ A checkpoint ``output_dir/checkpoints/step-000050/`` holds
                         numpy) and the data position (step, epoch, index in that epoch's
                         shuffled order)
 
-It is written into ``checkpoints/.tmp-step-000050`` and renamed with ``os.replace`` once every
-file is flushed, so a directory named ``step-*`` is always complete: a crash while saving leaves
-the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the next save. After a
-save only the newest ``keep_last`` checkpoints remain.
+It is written into ``checkpoints/.tmp-step-000050``, every file fsynced, and renamed with
+``os.replace``, so a directory named ``step-*`` is always complete: a crash while saving leaves
+the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the next save. A
+write that fails (a full disk, a quota) removes the ``.tmp-*`` folder and raises a UserError naming
+the checkpoint and the previous one, which is intact. After a save only the newest ``keep_last``
+checkpoints remain.
 
 Resuming restores the trainable tensors from ``trainer_state.pt`` (bit for bit, whatever dtype
 the PEFT export uses), then optimizer, scheduler, method state, RNG states and data position.
@@ -40,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraforge.errors import UserError
+from loraforge.files import describe_os_error, fsync_tree
 from loraforge.train.distributed import World, full_tensor
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -120,15 +124,27 @@ def optimizer_state(optimizer, model, world: World) -> dict:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_adapter(adapter_model, directory: Path, world: World = World()) -> None:
-    """The adapter in PEFT's format, written by rank 0 (FSDP shards gathered first, on every rank)."""
-    from loraforge.adapters.io import adapter_tensors, save_adapter as write
+def gathered_adapters(adapter_model) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapter's PEFT-keyed tensors, whole (FSDP shards gathered: call on every rank)."""
+    from loraforge.adapters.io import adapter_tensors
 
-    for name in adapter_model.configs:
-        folder = Path(directory) if name == "default" else Path(directory) / name
-        tensors = {k: full_tensor(v) for k, v in adapter_tensors(adapter_model, name).items()}
-        if world.is_main:
-            write(adapter_model, name, folder, tensors=tensors)
+    return {name: {k: full_tensor(v) for k, v in adapter_tensors(adapter_model, name).items()}
+            for name in adapter_model.configs}
+
+
+def write_adapters(adapter_model, directory: Path, adapters: dict[str, dict[str, torch.Tensor]]) -> None:
+    """PEFT's layout: ``default`` into ``directory``, other adapters into ``directory/<name>``."""
+    from loraforge.adapters.io import save_adapter as write
+
+    for name, tensors in adapters.items():
+        write(adapter_model, name, Path(directory) if name == "default" else Path(directory) / name, tensors=tensors)
+
+
+def save_adapter(adapter_model, directory: Path, world: World = World()) -> None:
+    """The adapter in PEFT's format, written by rank 0 (gathered first, on every rank)."""
+    adapters = gathered_adapters(adapter_model)
+    if world.is_main:
+        write_adapters(adapter_model, directory, adapters)
 
 
 def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, position: Position,
@@ -138,12 +154,7 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
     root = checkpoint_dir(output_dir)
     name = f"step-{position.step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
-    if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    save_adapter(adapter_model, tmp / "adapter", world)
+    adapters = gathered_adapters(adapter_model)
     state = {
         "trainable": trainable_state(adapter_model),
         "optimizer": optimizer_state(optimizer, adapter_model, world),
@@ -155,37 +166,60 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
         "world": {"size": world.size, "mode": world.mode},
     }
     if world.is_main:
-        with open(tmp / "trainer_state.pt", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_checkpoint(output_dir, name, adapter_model, adapters, state, keep_last)
     world.barrier()
     return final
+
+
+def write_checkpoint(output_dir: Path, name: str, adapter_model, adapters: dict, state: dict, keep_last: int) -> None:
+    """Rank 0's part of a save: write into ``.tmp-<name>``, fsync, rename, prune."""
+    root = checkpoint_dir(output_dir)
+    tmp, final = root / f".tmp-{name}", root / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        write_adapters(adapter_model, tmp / "adapter", adapters)
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(state, f)
+        fsync_tree(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint {name}: {describe_os_error(err)}; {kept}; free some space "
+                        "and continue with --resume", where=str(root)) from None
+    if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=None,
                     world: World = World()) -> Position:
     """Restore everything saved in ``path`` (``hooks``: the method's training hooks); returns the
     data position to continue from. Every rank reads the same file and keeps its own part."""
-    state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    file = Path(path) / "trainer_state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError("the checkpoint has no trainer_state.pt", where=str(path)) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        earlier = [p.name for p in list_checkpoints(Path(path).parent.parent) if p != Path(path)]
+        hint = (f"; remove {Path(path).name} to resume from {earlier[-1]}" if earlier else "")
+        raise UserError(f"cannot read the checkpoint (truncated or corrupt: {str(err).splitlines()[0][:120]}){hint}",
+                        where=str(file)) from None
     params = dict(adapter_model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing or len(state["trainable"]) != sum(p.requires_grad for p in params.values()):
-        from loraforge.errors import UserError
-
         raise UserError(
             "checkpoint does not match the configured adapter (changed method, rank or targets?)",
             where=str(path),
         )
     saved_mode = state.get("world", {}).get("mode", "single")
     if world.mode == "fsdp" and saved_mode != "fsdp":
-        from loraforge.errors import UserError
-
         raise UserError(f"checkpoint was written by a {saved_mode} run, whose optimizer state fsdp cannot "
                         "shard; resume it with train.distributed: ddp or one process", where=str(path))
     with torch.no_grad():

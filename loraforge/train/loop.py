@@ -41,9 +41,7 @@ same step boundary (the stop flag is summed over the ranks each step).
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -63,21 +61,19 @@ from loraforge.train.batches import StepSampler, total_steps
 from loraforge.train.checkpoint import (
     Position,
     latest_checkpoint,
+    gathered_adapters,
     load_checkpoint,
-    save_adapter,
     save_checkpoint,
 )
 from loraforge.train.config import Config, dump_yaml
 from loraforge.train.distributed import World
-from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, SilentLog, peak_memory_bytes
+from loraforge.train.logging import RunLog, SilentLog, peak_memory_bytes
+from loraforge.train.outputs import check_output_dir, clear_previous_run, create_output_dir
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
 from loraforge.train.summary import banner_rows, finish, world_rows
 
 IGNORE = -100
-# Files a run writes into output_dir (``overwrite: true`` removes exactly these).
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base")
 
 
 @dataclass
@@ -138,9 +134,9 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
 
 # --------------------------------------------------------------------------- setup
 def read_inputs(config: Config) -> tuple[list[dict], list[dict]]:
-    """Check output_dir and read the data files (a malformed row fails before the model loads or
-    anything is written). Only rank 0 removes an earlier run's files (``overwrite: true``)."""
-    check_output_dir(Path(config.output_dir), config, remove=int(os.environ.get("RANK", "0")) == 0)
+    """Check output_dir (another run there, or not writable) and read the data files: a malformed
+    row fails before the model loads or anything is written."""
+    check_output_dir(config)
     return build.read_records(config)
 
 
@@ -180,8 +176,9 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     if resume_from is not None:
         position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer,
                                    scheduler=scheduler, hooks=hooks, world=world)
-    if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:  # the earlier run's files (overwrite: true) go now, by rank 0 alone
+        clear_previous_run(config)
+        create_output_dir(config)
         (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
 
     sampler = StepSampler(len(train_set), batch_size=t.batch_size, grad_accum=t.grad_accum, seed=t.seed,
@@ -290,9 +287,9 @@ def evaluate_run(run: Run, step: int) -> float:
 # --------------------------------------------------------------------------- save
 def save(run: Run) -> None:
     """The adapter (gathered whole under FSDP) and, on rank 0, tokenizer, plot and model card."""
-    save_adapter(run.model, run.result.output_dir, run.world)
+    adapters = gathered_adapters(run.model)  # collective under FSDP
     if run.world.is_main:
-        finish(run.result, run.config, run.optimizer, run.log, run.device)
+        finish(run.result, run.config, run.optimizer, run.log, run.device, adapters)
     run.world.barrier()
 
 
@@ -429,29 +426,6 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
     mask_dtype = torch.bfloat16 if compute_dtype_name(device) != "fp32" else torch.float32
     batch = data.collate(examples, pad_id, mask_dtype=mask_dtype)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def check_output_dir(output_dir: Path, config: Config, remove: bool = True) -> None:
-    """Refuse to mix two runs in one folder unless resuming or ``overwrite: true`` (then the
-    earlier run's files go, when ``remove``: on rank 0 only)."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise UserError("output_dir exists and is not a folder", where=str(output_dir))
-    ours = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not ours or config.resume:
-        return
-    if not config.overwrite:
-        raise UserError(
-            "output_dir already holds a run; continue it with --resume, replace it with "
-            "overwrite=true, or pick another output_dir=...",
-            where=str(output_dir),
-        )
-    if not remove:
-        return
-    for name in ours:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class InterruptFlag:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.train.checkpoint import write_adapters
 from loraforge.train.config import AdapterSection, Config, loftq_quantization, resolved_alpha, resolved_rank
 from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, human_bytes, human_count, peak_memory_bytes, plot_losses
 from loraforge.train.optimizers import optimizer_state_bytes
@@ -86,11 +87,24 @@ def world_rows(world, base_shards: tuple[list[int], int] | None) -> list[tuple[s
     return rows
 
 
-def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
-    """Write the tokenizer, plot and model card (the adapter is written before); print the summary."""
+def finish(result, config: Config, optimizer, log: RunLog, device, adapters: dict) -> None:
+    """Write the adapter (``adapters``: its tensors, gathered whole), tokenizer, plot and model
+    card; print the summary. Rank 0 alone calls it."""
     out = result.output_dir
-    if hasattr(result.tokenizer, "save_pretrained"):
-        result.tokenizer.save_pretrained(out)
+    try:
+        write_adapters(result.model, out, adapters)
+        if hasattr(result.tokenizer, "save_pretrained"):
+            result.tokenizer.save_pretrained(out)
+    except OSError as err:
+        from loraforge.errors import UserError
+        from loraforge.files import describe_os_error
+        from loraforge.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        kept = (f"the checkpoint {last} is intact: free some space and run again with --resume to save it"
+                if last else "no checkpoint was saved (train.save_every)")
+        raise UserError(f"could not write the trained adapter: {describe_os_error(err)}; {kept}",
+                        where=str(out)) from None
     base = save_loftq_base(result, out / "base") if config.adapter.init == "loftq" else None
     plot = plot_losses(out)
     write_model_card(out, config, result)
