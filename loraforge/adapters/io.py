@@ -73,10 +73,14 @@ def peft_config_dict(adapter_model: AdapterModel, name: str) -> dict[str, Any]:
     return dict(sorted(data.items()))
 
 
-def save_adapter(adapter_model: AdapterModel, name: str, directory: str | Path) -> None:
+def save_adapter(adapter_model: AdapterModel, name: str, directory: str | Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter ``name`` in PEFT's format; ``tensors``: its PEFT-keyed tensors when the
+    caller has them already (e.g. gathered whole from FSDP shards), else read from the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(adapter_model, name).items()}
+    tensors = adapter_tensors(adapter_model, name) if tensors is None else tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_tensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config_dict(adapter_model, name), indent=2) + "\n")
     apply_umask(directory / CONFIG_NAME)
