@@ -1,7 +1,8 @@
 """The ``loraforge`` command: parses arguments, calls the package, maps errors to exit codes.
 
-Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it),
-1 anything else. Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it;
+under torchrun printed by rank 0 only), 1 anything else (a failed rank of a multi-process run:
+one line naming it). Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``loraforge --help`` stays fast.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from loraforge.errors import UserError
+from loraforge.errors import RunFailed, UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # positional items after an option (``train run.yaml --dry-run train.lr=1e-4``) belong to them
+    if extra and isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -62,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: say it once
+            print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"loraforge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -126,7 +126,7 @@ def test_choice_predictions_equal_reference(folders, score, shots):
 def test_eval_choice_command_per_subject_and_compare(folders, capsys):
     tok = bpe_tokenizer()
     cmd = ["eval", str(folders / "base"), "--data", str(folders / "test.jsonl"), "--metric", "choice",
-           "--shots", "2", "--dev", str(folders / "dev.jsonl"), "--no-progress"]
+           "--shots", "2", "--dev", str(folders / "dev.jsonl")]
     assert main(cmd) == 0
     rows = _rows(capsys.readouterr().out)
     want = _reference(tiny_model(tok), tok, "letter", 2)
@@ -157,7 +157,7 @@ def test_shots_need_a_dev_file_with_enough_rows(folders, capsys):
     base = ["eval", str(folders / "base"), "--data", str(folders / "test.jsonl"), "--metric", "choice"]
     assert main(base + ["--shots", "2"]) == 2
     assert "--dev" in capsys.readouterr().err
-    assert main(base + ["--shots", "3", "--dev", str(folders / "dev.jsonl"), "--no-progress"]) == 2
+    assert main(base + ["--shots", "3", "--dev", str(folders / "dev.jsonl")]) == 2
     assert "3 shots need 3 dev rows with subject" in capsys.readouterr().err
 
 

@@ -4,13 +4,15 @@
   evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
   rendered with the training template.
 - ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
-  ``contains``.
+  ``contains``. A prompt too long for the model's context is cut from the left (with a note).
 - ``choice`` on multiple-choice rows (MMLU layout or A/B/C/D columns; see choice.py): the
   log-likelihood of each option's letter (``--score letter``, QLoRA's way) or of its text
   (``--score option``, length-normalised), ``--shots K`` examples from ``--dev FILE``;
   per-subject and overall accuracy.
 - ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
   in the same run and prints them side by side.
+
+Each pass shows a progress bar (windows, examples, prompts or choices) when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import argparse
 from pathlib import Path
 
 from loraforge.errors import UserError
-from loraforge.infer.cli_args import add_model_arguments, load_session, stderr_console
+from loraforge.infer.cli_args import add_model_arguments, load_session, print_note, stderr_console
+from loraforge.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="choice: multiple-choice rows (question, choices, answer[, subject])")
     parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
     parser.add_argument("--window", type=int, default=None, metavar="N",
-                        help="tokens per window / longest example (default min(1024, model context))")
+                        help="tokens per window / longest example (default min(1024, model context); at most the context)")
     parser.add_argument("--stride", type=int, default=None, metavar="N", help="window step for .txt (default window/2)")
     parser.add_argument("--match", choices=("exact", "contains"), default="exact",
                         help="accuracy: output equals the answer (stripped), or contains it")
@@ -40,7 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", type=int, default=0, metavar="K", help="choice: K examples from --dev (default 0)")
     parser.add_argument("--dev", default=None, metavar="FILE", help="choice: rows the shots are taken from")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per batch (default 8)")
-    parser.add_argument("--no-progress", action="store_true", help="choice: no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,27 +54,25 @@ def run(args: argparse.Namespace) -> int:
     if args.metric == "accuracy" and data.suffix.lower() == ".txt":
         raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
     if args.metric == "choice":
-        return _choice(args)
+        measure_of = _choice(args)  # reads and checks the rows before the slow load
     session = load_session(args)
-    measure = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
-    results = _measure_each(args, session, measure)
-    _print_table(args, results)
+    if args.metric == "choice":
+        measure, total, unit = measure_of(session)
+    else:
+        measure, total, unit = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
+    results: dict = {}
+    if args.compare:
+        with session.adapter.disable_adapter(), progress("base", total, unit=unit) as advance:
+            results["base"] = measure(advance)
+    name = "adapter" if args.adapter else "model"
+    with progress(name, total, unit=unit) as advance:
+        results[name] = measure(advance)
+    (_print_choice_table if args.metric == "choice" else _print_table)(args, results)
     return 0
 
 
-def _measure_each(args, session, measure) -> dict:
-    """{"base": ..., "adapter": ...} with --compare, else {"adapter" or "model": ...}."""
-    results = {}
-    if args.compare:
-        with session.adapter.disable_adapter():
-            results["base"] = measure()
-    results["adapter" if args.adapter else "model"] = measure()
-    return results
-
-
-def _choice(args) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def _choice(args):
+    """session -> (measure(advance) -> ChoiceResult, steps per pass, their unit) for choice."""
     from loraforge.infer.choice import choice_accuracy, continuations_count, read_choice_rows
     from loraforge.infer.prompts import pad_token_id
 
@@ -82,22 +82,18 @@ def _choice(args) -> int:
         raise UserError("shots are taken from a dev file; give it with --dev", where="--shots")
     if args.template:
         raise UserError("choice prompts are MMLU's plain text; --template does not apply", where="--template")
-    items = read_choice_rows(args.data)  # bad input before the slow load
+    items = read_choice_rows(args.data)
     dev = read_choice_rows(args.dev) if args.dev else []
-    session = load_session(args)
-    progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=stderr_console(), disable=args.no_progress)
 
-    def measure():
-        task = progress.add_task("choice", total=continuations_count(items))
-        return choice_accuracy(session.model, session.tokenizer, items, score=args.score, dev=dev, shots=args.shots,
-                               pad_id=pad_token_id(session.tokenizer), batch_size=args.batch_size,
-                               on_batch=lambda n: progress.advance(task, n), dev_name=args.dev or "--dev")
+    def measure_of(session):
+        def measure(advance):
+            return choice_accuracy(session.model, session.tokenizer, items, score=args.score, dev=dev,
+                                   shots=args.shots, pad_id=pad_token_id(session.tokenizer),
+                                   batch_size=args.batch_size, on_batch=advance, dev_name=args.dev or "--dev")
 
-    with progress:
-        results = _measure_each(args, session, measure)
-    _print_choice_table(args, results)
-    return 0
+        return measure, continuations_count(items), "choices"
+
+    return measure_of
 
 
 def _print_choice_table(args, results: dict) -> None:
@@ -108,13 +104,12 @@ def _print_choice_table(args, results: dict) -> None:
         correct, total = counts
         return f"{correct / total:.2%} ({correct}/{total})" if total else "-"
 
-    shots = f", {args.shots}-shot" if args.shots else ", 0-shot"
-    table = Table(title=f"choice accuracy ({args.score}{shots}) on {args.data}")
+    table = Table(title=f"choice accuracy ({args.score}, {args.shots}-shot) on {args.data}")
     table.add_column("subject")
     for name in results:
         table.add_column(name, justify="right")
     first = next(iter(results.values()))
-    subjects = sorted((s for s in first.per_subject if s is not None))
+    subjects = sorted(s for s in first.per_subject if s is not None)
     for subject in subjects + ([None] if None in first.per_subject and subjects else []):
         table.add_row(subject or "(none)", *(cell(r.per_subject[subject]) for r in results.values()))
     table.add_row("overall", *(cell((r.correct, r.total)) for r in results.values()))
@@ -122,29 +117,34 @@ def _print_choice_table(args, results: dict) -> None:
 
 
 def _perplexity(args, session):
+    """(measure(advance) -> the value as text, steps per pass, their unit) for perplexity."""
     from loraforge.infer.evaluate import (
         perplexity_responses,
         perplexity_text,
         text_token_ids,
+        windows,
     )
-    from loraforge.infer.prompts import pad_token_id
+    from loraforge.infer.prompts import context_length, pad_token_id
 
-    context = getattr(session.model.config, "max_position_embeddings", None) or 1024
+    context = context_length(session.model) or 1024
     window = args.window or min(1024, context)
-    if window < 2:
-        raise UserError(f"expected a window of at least 2 tokens, got {window}", where="--window")
+    if not 2 <= window <= context:
+        raise UserError(f"expected a window of 2 to {context:,} tokens (the model's context), got {window:,}",
+                        where="--window")
     if Path(args.data).suffix.lower() == ".txt":
         stride = args.stride or max(window // 2, 1)
         ids = text_token_ids(Path(args.data).read_text(encoding="utf-8"), session.tokenizer)
         stderr_console().print(f"[dim]{len(ids):,} tokens, window {window}, stride {stride}[/dim]")
-        return lambda: _ppl(perplexity_text(session.model, ids, window, stride))
+        n_windows = len(windows(len(ids), window, stride))
+        return lambda advance: _ppl(perplexity_text(session.model, ids, window, stride, advance)), n_windows, "windows"
     from loraforge.data import build_dataset
 
     template = args.template or session.trained_template or "auto"
     examples, stats = build_dataset(args.data, session.tokenizer, template=template, max_length=window)
     stderr_console().print(f"[dim]{stats.summary()}[/dim]")
     pad = pad_token_id(session.tokenizer)
-    return lambda: _ppl(perplexity_responses(session.model, examples, pad, args.batch_size))
+    return (lambda advance: _ppl(perplexity_responses(session.model, examples, pad, args.batch_size, advance)),
+            len(examples), "examples")
 
 
 def _ppl(result) -> str:
@@ -152,10 +152,13 @@ def _ppl(result) -> str:
 
 
 def _accuracy(args, session):
+    """(measure(advance) -> the value as text, steps per pass, their unit) for accuracy."""
     from loraforge.infer.evaluate import accuracy, read_qa_rows
     from loraforge.infer.generate import GenerationSettings, generate
     from loraforge.infer.prompts import (
+        context_length,
         encode_text,
+        fit_context,
         pad_token_id,
         resolve_template,
         stop_token_ids,
@@ -164,18 +167,20 @@ def _accuracy(args, session):
     rows = read_qa_rows(args.data)
     tokenizer = session.tokenizer
     template = None if args.raw else resolve_template(tokenizer, args.template, session.trained_template)
-    prompts = [encode_text(row["prompt"], tokenizer, template) for row in rows]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    prompts, notice = fit_context([encode_text(row["prompt"], tokenizer, template) for row in rows],
+                                  context_length(session.model), settings.max_new_tokens)
+    print_note(notice)
     stops = stop_token_ids(tokenizer, session.model, chat=template is not None)
 
-    def measure() -> str:
+    def measure(advance) -> str:
         outs = generate(session.model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad_token_id(tokenizer),
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, on_batch=lambda done, tokens: advance(done))
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         correct, total = accuracy(texts, [row["answer"] for row in rows], args.match)
         return f"{correct / total:.2%} ({correct}/{total})"
 
-    return measure
+    return measure, len(prompts), "prompts"
 
 
 def _print_table(args, results: dict[str, str]) -> None:

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from loraforge.errors import UserError
-from loraforge.infer.cli_args import stderr_console
+from loraforge.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +74,6 @@ def make_judge(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from loraforge.infer.judge import check_same_questions, load_prompt, read_answers, run_tournament, schedule
 
     files = answer_files(args.answers)
@@ -83,12 +81,9 @@ def run(args: argparse.Namespace) -> int:
     keys = check_same_questions(systems, files)  # bad input before the slow load
     prompt = load_prompt(args.prompt)
     judge = make_judge(args)
-    progress = Progress(TextColumn("judging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=stderr_console())
-    with progress:
-        task = progress.add_task("judge", total=len(schedule(keys, list(systems))))
+    with progress("judging", len(schedule(keys, list(systems))), unit="judgments") as advance:
         judgments = run_tournament(systems, judge, out=args.out, prompt=prompt, files=files,
-                                   on_judgment=lambda _: progress.advance(task))
+                                   on_judgment=lambda _: advance(1))
     print_results(judgments, list(systems), rounds=args.rounds, seed=args.seed, out=args.out)
     return 0
 

@@ -48,8 +48,9 @@ class ModelServer:
 
     def __init__(self, session, *, base_name: str, adapters: dict[str, str | Path] | None = None,
                  template: str | None = None, source: str = "the base"):
-        from loraforge.infer.prompts import pad_token_id, resolve_template, stop_token_ids
-        from loraforge.infer.session import attach_adapter_folder, trained_template
+        from loraforge.infer.prompts import context_length, pad_token_id, resolve_template, stop_token_ids
+        from loraforge.adapters.io import read_adapter
+        from loraforge.infer.session import attach_adapter, trained_template
 
         self.tokenizer = session.tokenizer
         self.base_name = base_name
@@ -60,7 +61,7 @@ class ModelServer:
                 raise UserError(f"two models are called {name!r}; give each adapter its own NAME=DIR",
                                 where="--adapter")
             try:
-                model = attach_adapter_folder(model, folder, source, name=name)
+                model = attach_adapter(model, read_adapter(folder), folder, source, name=name)
             except UserError as err:
                 raise UserError(f"adapter {name!r}: {err.message}", where=err.where or str(folder)) from None
             self.templates[name] = template or trained_template(folder)
@@ -75,7 +76,7 @@ class ModelServer:
         self.pad_id = pad_token_id(self.tokenizer)
         self.stops = {True: stop_token_ids(self.tokenizer, self.model, chat=True),
                       False: stop_token_ids(self.tokenizer, self.model, chat=False)}
-        self.context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        self.context = context_length(self.model)
         self.lock = threading.Lock()
 
     def names(self) -> list[str]:
