@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "loraforge"
 
     def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
-        pass  # quiet; the command prints one line per request itself if asked
+        pass  # no access log on stderr: the server stays quiet while serving
 
     def do_GET(self) -> None:
         self._handle(self._get)
