@@ -197,3 +197,20 @@ def test_adapters_share_one_4bit_base(folders, tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_an_internal_failure_is_a_500_json_and_serving_goes_on(server, monkeypatch):
+    from loraforge.infer.serve import ModelServer
+
+    def broken(self, request, ids, write=None):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelServer, "complete", broken)
+        status, body = server.chat("base")
+        assert status == 500 and "boom" in body["error"]["message"]
+        status, text = server.request("POST", "/v1/chat/completions", {
+            "model": "base", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and "boom" in text  # headers were sent: the error comes as an event
+    ok, answer = server.chat("base")
+    assert ok == 200 and answer["choices"][0]["message"]["content"] is not None
