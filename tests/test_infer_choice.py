@@ -159,6 +159,8 @@ def test_shots_need_a_dev_file_with_enough_rows(folders, capsys):
     assert "--dev" in capsys.readouterr().err
     assert main(base + ["--shots", "3", "--dev", str(folders / "dev.jsonl")]) == 2
     assert "3 shots need 3 dev rows with subject" in capsys.readouterr().err
+    assert main(base[:-2] + ["--shots", "2", "--dev", str(folders / "dev.jsonl")]) == 2
+    assert "go with --metric choice" in capsys.readouterr().err
 
 
 @torch.no_grad()

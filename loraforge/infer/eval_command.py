@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("data file not found", where=str(data))
     if args.metric == "accuracy" and data.suffix.lower() == ".txt":
         raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
+    if args.metric != "choice" and (args.shots or args.dev or args.score != "letter"):
+        raise UserError("--score, --shots and --dev go with --metric choice", where="--metric")
     if args.metric == "choice":
         measure_of = _choice(args)  # reads and checks the rows before the slow load
     session = load_session(args)
