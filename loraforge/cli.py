@@ -1,7 +1,8 @@
 """The ``loraforge`` command: parses arguments, calls the package, maps errors to exit codes.
 
-Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it),
-1 anything else. Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it;
+under torchrun printed by rank 0 only), 1 anything else (a failed rank of a multi-process run:
+one line naming it). Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``loraforge --help`` stays fast.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from loraforge.errors import UserError
+from loraforge.errors import RunFailed, UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,7 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("loraforge.infer.generate_command", "generate replies for a prompt or a JSONL file of prompts"),
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),
-    "eval": ("loraforge.infer.eval_command", "perplexity or accuracy of a model (and adapter); --compare"),
+    "eval": ("loraforge.infer.eval_command", "perplexity, accuracy or multiple-choice accuracy of a model (and adapter); --compare"),
+    "serve": ("loraforge.infer.serve_command", "an OpenAI-compatible server: one base, many adapters picked per request"),
+    "judge": ("loraforge.infer.judge_command", "a judged pairwise tournament of answer files: win/tie/loss and Elo"),
     "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
 
@@ -65,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: say it once
+            print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"loraforge {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ Schema (public names, see ``shared/design/interface.md``)::
     data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
             max_grad_norm, weight_decay, seed, gradient_checkpointing, kernels, eval_every,
-            save_every, keep_last}
+            save_every, keep_last, distributed}   # distributed: ddp | fsdp (torchrun, > 1 process)
     output_dir: runs/demo
     resume: false
     overwrite: false
@@ -134,6 +134,7 @@ class TrainSection:
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
+    distributed: Union[str, None] = None  # ddp | fsdp with several processes (torchrun); None: ddp
 
 
 @dataclass
@@ -553,6 +554,18 @@ def _check_config(c: Config, where: _Where) -> None:
     need(t.eval_every >= 0, "train.eval_every", "expected eval_every >= 0 (0: only at the end)")
     need(t.save_every >= 0, "train.save_every", "expected save_every >= 0 (0: only on interrupt)")
     need(t.keep_last >= 1, "train.keep_last", "expected keep_last >= 1")
+    if t.distributed is not None:
+        from loraforge.train.distributed import FSDP_METHODS, MODES
+
+        choice(t.distributed, MODES, "train.distributed", "distributed mode")
+        need(t.distributed != "fsdp" or a.method in FSDP_METHODS, "train.distributed",
+             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {a.method}'s step between optimizer steps "
+             "reads whole (unsharded) tensors: use train.distributed: ddp")
+        need(t.distributed != "fsdp" or t.optimizer == "adamw", "train.distributed",
+             f"fsdp trains with optimizer adamw; {t.optimizer} is not built for sharded (DTensor) parameters: "
+             "use train.distributed: ddp")
+        need(t.distributed != "fsdp" or a.init != "loftq", "train.distributed",
+             "init: loftq saves the quantized base it made, which fsdp holds in shards: use train.distributed: ddp")
     if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
         need(ad.tinit + ad.tfinal < t.steps, "adapter.adalora.tinit",
              f"tinit ({ad.tinit}) + tfinal ({ad.tfinal}) leave none of the {t.steps} steps for AdaLoRA's "
