@@ -2,7 +2,9 @@
 llama.cpp's logits on our file are from transformers' on the same weights (rounded through the
 storage type), and whether our Q8_0 / Q4_0 tensors are byte-identical to llama.cpp's own quantizer
 run on our F32 file. Tiny random 2-layer models over the byte-level BPE test tokenizer; llama.cpp
-runs in its own venv (see tests/helpers_gguf.py). Accuracy, not speed: nothing here is timed.
+runs in its own venv (see tests/helpers_gguf.py). Accuracy, not speed: nothing here is timed. For gpt2 the
+q8_0/q4_0 reference rounds Conv1D weights along their stored [in, out] rows, not the file's, so its
+error column overstates llama.cpp's (the byte comparison with llama-quantize is exact).
 
     .venv/bin/python benchmarks/gguf_llamacpp.py [--archs llama,qwen2] [--types f32,q4_0]
 """

@@ -113,10 +113,10 @@ def test_storage_types_run_in_llama_cpp(tmp_path, request, model_type, gguf_type
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0"])
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3", "gpt2"])
 def test_quantized_files_equal_llama_quantize(tmp_path, model_type, gguf_type):
     """Same tensor types and bytes as llama.cpp's quantizer run on our F32 file (untied head:
-    llama; tied, token_embd as head: gemma2; fused qkv: phi3)."""
+    llama; tied, token_embd as head: gemma2; fused qkv: phi3; position embeddings: gpt2)."""
     from gguf import GGUFReader
 
     from loraforge.infer.export_gguf import write_gguf

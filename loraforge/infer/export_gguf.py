@@ -26,7 +26,8 @@ codes min(15, trunc(x/d + 8.5)), two per byte, low nibbles the block's first hal
 output head (``output.weight``, or ``token_embd.weight`` when it doubles as the head) in Q8_0:
 llama-quantize puts the head in Q6_K, falling back to Q8_0 when its rows are not a multiple of
 256; loraforge always writes that fallback (no exact Q6_K here), a slightly larger, more precise
-head. A weight whose rows are not a multiple of 32 stays F16 under q8_0 and q4_0. Tokenizer
+head. Position embeddings (GPT-2) stay F32, as llama.cpp's converter and quantizer keep them.
+A weight whose rows are not a multiple of 32 stays F16 under q8_0 and q4_0. Tokenizer
 metadata (``tokenizer.*``): copied verbatim from the source GGUF file when the model came from
 one, otherwise built from the Hugging Face tokenizer (byte-level BPE only: ``gpt2`` model,
 tokens, merges, token types, special ids, add-BOS flag, chat template, and the pre-tokenizer
@@ -74,7 +75,7 @@ def tensor_names(arch: str, n_layers: int):
 
 def storage_type(name: str, shape: tuple[int, ...], gguf_type: str, head: str) -> str:
     """The GGML type one tensor is written in (see the module docstring)."""
-    if len(shape) == 1 or gguf_type == "f32":
+    if len(shape) == 1 or gguf_type == "f32" or name == "position_embd.weight":  # as llama.cpp keeps it
         return "f32"
     if gguf_type in ("q8_0", "q4_0") and shape[-1] % 32:
         return "f16"
