@@ -32,9 +32,10 @@ $(LLAMACPP_VENV)/.installed:
 demo: $(VENV)/.base
 	$(VENV)/bin/loraforge train
 
-test: $(VENV)/.test
+# With a llama.cpp wheel at hand (../shared/tools), the suite also checks GGUF exports in llama.cpp.
+test: $(VENV)/.test $(if $(LLAMACPP_WHEEL),$(LLAMACPP_VENV)/.installed)
 	$(PY) -m pytest -q tests
 
-# GGUF exports run in llama.cpp (tests marked llamacpp; `make test` runs them too once the venv exists)
+# GGUF exports run in llama.cpp (tests marked llamacpp; `make test` runs them too when the venv exists)
 test-llamacpp: $(VENV)/.test $(LLAMACPP_VENV)/.installed
 	$(PY) -m pytest -q -m llamacpp tests
