@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # positional items after an option (``train run.yaml --dry-run train.lr=1e-4``) belong to them
+    if extra and isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -68,3 +68,14 @@ def describe_os_error(err: OSError) -> str:
              errno.EPERM: "permission denied"}
     reason = err.strerror or str(err)
     return f"{known[err.errno]} ({reason})" if err.errno in known else reason
+
+
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (itself, or one in its cause / context chain), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -197,3 +197,49 @@ def test_version_and_env(capsys):
     out = capsys.readouterr().out
     for key in ("loraforge", "torch", "transformers", "peft", "device", "threads", "cache"):
         assert any(line.split()[0] == key for line in out.splitlines()), key
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real size-limited file system (tmpfs), or a skip where this process may not mount one."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size_bytes: int):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)],
+                              capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the ENOSPC path is "
+                        "also covered by test_crash_while_saving_keeps_the_previous_checkpoint")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, tokenizer,
+                                                                       small_disk):
+    from loraforge.train import checkpoint
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    use_tiny_model(monkeypatch, tokenizer)
+    args = ["train", f"data.train={data}", "quantization=null", "train.batch_size=2", "train.save_every=1",
+            "train.keep_last=9", "adapter.r=64"]
+    probe = tmp_path / "probe"
+    assert main([*args, "train.steps=1", f"output_dir={probe}"]) == 0  # how much one step's files take
+    one = sum(f.stat().st_size for f in (probe / "checkpoints").rglob("*") if f.is_file())
+    disk = small_disk(int(one * 1.6) + 64 * 1024)  # room for the run's small files and one checkpoint
+    out = disk / "run"
+    assert main([*args, "train.steps=4", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint step-000002: the disk is full" in err
+    assert "step-000001 is intact" in err and "Traceback" not in err
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000001"]
+    assert not list(checkpoint.checkpoint_dir(out).glob(".tmp-*"))
+    state = checkpoint.torch.load(out / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=True)
+    assert state["position"]["step"] == 1

@@ -79,10 +79,10 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
 def load_kbit_checkpoint(folder: str | Path):
     """(model, tokenizer) from a :func:`save_kbit_checkpoint` folder, its linears QuantLinear
     (tokenizer None when the folder holds none)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.models.bnb_checkpoint import _materialize_buffers
+    from loraforge.models.validate import load_safetensors
     from loraforge.quant.double_quant import NestedAbsmax
     from loraforge.quant.linear import QuantLinear
 
@@ -91,7 +91,7 @@ def load_kbit_checkpoint(folder: str | Path):
     if raw.get("quantization_config", {}).get("quant_method") != KBIT_METHOD:
         raise UserError(f"not a loraforge k-bit checkpoint (quantization_config.quant_method != {KBIT_METHOD!r})",
                         where=str(folder / "config.json"))
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_safetensors(folder / "model.safetensors")
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config
     with torch.device("meta"):

@@ -127,19 +127,31 @@ def load_hf_folder(folder: Path, dtype: torch.dtype | None):
 
     from loraforge.models.quiet import quiet_transformers
 
+    from safetensors import SafetensorError
+
     config = read_config_json(folder)
     check_architecture(config["model_type"], where=str(folder / "config.json"))
     for file in weight_files(folder):
         check_safetensors(file)
     tokenizer = load_tokenizer(folder)
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    except SafetensorError as err:  # what the header check cannot see (an unknown dtype, ...)
+        raise UserError(f"cannot read the weights ({err}); expected complete .safetensors files (re-save or "
+                        "re-download them)", where=str(folder)) from None
     return model, tokenizer
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The ``*.safetensors`` files of a model folder (UserError when there are none)."""
     files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted(set(read_shard_index(index).values()) - {f.name for f in files})
+        if missing:
+            raise UserError(f"the shard {missing[0]!r} it lists is missing ({len(missing)} missing in all); "
+                            "expected every shard of the model (re-download it)", where=str(index))
     if files:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -151,6 +163,19 @@ def weight_files(folder: Path) -> list[Path]:
     raise UserError(
         "no *.safetensors weights in this folder; expected model.safetensors or its shards", where=str(folder)
     )
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file name) of a ``model.safetensors.index.json``."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise UserError(f"unreadable shard index ({err}); expected JSON with a 'weight_map'", where=str(index)) from None
+    if not isinstance(weight_map, dict):
+        raise UserError("expected JSON with a 'weight_map' object (tensor name -> shard file)", where=str(index))
+    return weight_map
 
 
 def load_tokenizer(folder: Path):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from loraforge.errors import UserError
-from loraforge.files import describe_os_error, fsync_tree
+from loraforge.files import describe_os_error, fsync_tree, os_error_in
 from loraforge.train.distributed import World, full_tensor
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -184,8 +184,11 @@ def write_checkpoint(output_dir: Path, name: str, adapter_model, adapters: dict,
         with open(tmp / "trainer_state.pt", "wb") as f:
             torch.save(state, f)
         fsync_tree(tmp)
-    except OSError as err:
+    except Exception as failure:  # torch.save turns an OSError into a RuntimeError while closing its zip
         shutil.rmtree(tmp, ignore_errors=True)
+        err = os_error_in(failure)
+        if err is None:
+            raise
         previous = latest_checkpoint(output_dir)
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise UserError(f"could not write checkpoint {name}: {describe_os_error(err)}; {kept}; free some space "

@@ -7,7 +7,6 @@ costs a second, not a model load and a training run.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,9 +75,3 @@ def create_output_dir(config: Config) -> Path:
         raise UserError(f"cannot create output_dir: {err.strerror or err}", where=str(output_dir)) from None
     return output_dir
 
-
-def file_mode() -> int:
-    """The mode a new file gets under the process's umask (0o666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
