@@ -16,7 +16,9 @@ token). Each arm is started by ``torch.distributed.run`` (world size 1 included)
     python benchmarks/train_distributed.py --arms lf-1,lf-fsdp-2 --quant none
     python benchmarks/train_distributed.py --device cuda --nproc 2 --model PATH --seq 2048 --global-bs 8
 
-On CPU the ranks share the machine's cores (torchrun sets one thread each): 2 processes can
+On CPU every process runs ``--threads`` torch threads (default 1, the same in every arm; torchrun
+sets 1 itself only for N > 1, and an oversubscribed OpenMP pool on a loaded machine makes a
+single process several times slower). The ranks share the machine's cores: 2 processes can
 only be faster than 1 where the cores are free; the numbers show the cost of the collectives and
 the memory split, not a speed-up. Wall times on a loaded machine vary with the neighbours.
 """
@@ -171,6 +173,7 @@ def run_arm(arm: str, a, out: str) -> dict | None:
     env = dict(os.environ)
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        env["OMP_NUM_THREADS"] = str(a.threads)  # every arm alike (torchrun sets 1 only for N > 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
            "--worker", f"{kind}:{mode}", "--out", out, *forwarded(a)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -214,6 +217,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--global-bs", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch threads per process (every arm)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -15,8 +15,14 @@ dtype and needs float storage to do so (bitsandbytes PR #970). FSDP2 shards each
 its own and, when a unit's parameters have different dtypes, all-gathers their bytes viewed as
 ``uint8`` in one collective (``foreach_all_gather``), so uint8 codes, float32 scales and the
 float32 adapters of one decoder layer travel together, exactly, with no float reinterpretation
-of integer codes. Measured on 2 CPU ranks with gloo (the test and the banner print it): each
-rank holds half of the packed base bytes (up to one padding row per tensor).
+of integer codes. Measured on 2 CPU ranks with gloo (the banner prints it, a test asserts it):
+SmolLM2-135M in NF4 with double quantization keeps 27,384,840 and 27,384,360 of its 54.8 MB of
+codes and scales on ranks 0 and 1 (one padding row per tensor at most), and a rank's peak
+resident memory in training falls from ~1.4 GB (ddp) to ~1.0 GB (benchmarks/train_distributed.py).
+
+The model is still loaded (and quantized) whole on every rank before it is sharded, so the
+loading peak is not divided; loading each rank's shard only (meta-device init, rank-0
+broadcast) is not done here.
 
 The tiny shared code books (``quant_map``, ``nested_quant_map``) and the 0-dim ``offset`` stay
 replicated buffers. Gradients exist only for the adapters; they are reduce-scattered, so each

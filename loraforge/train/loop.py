@@ -114,7 +114,8 @@ class Run:
 def train(config: Config, *, on_start: Callable | None = None, console=None) -> TrainResult:
     """Run ``config``; ``on_start(adapter_model, tokenizer)`` is called just before step 1.
 
-    Launched by torchrun, this process is one rank of the run; otherwise the only one."""
+    Launched by torchrun, this process is one rank of the run; otherwise the only one. Under
+    FSDP the returned model holds this rank's shards (the saved adapter is whole)."""
     console = console or Console()
     records = read_inputs(config)  # bad input fails here, alike on every rank, before any collective
     world = distributed.start(config.train.distributed)
