@@ -227,7 +227,10 @@ def test_apply_kernels_same_loss_and_grads(reference_kernels, tiny_llama):
     assert loss3 == loss0
 
 
-def test_apply_kernels_names_model_type_module_and_reason(reference_kernels, tiny_llama, capsys):
+def test_apply_kernels_names_model_type_module_and_reason(reference_kernels, tiny_llama, capsys, monkeypatch):
+    from loraforge.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_SEEN", set())  # notices print once per process
     model = _llama_with_lora(tiny_llama, dropout=0.1)
     patch = apply_kernels(model)
     assert patch.count("mlp") == patch.count("attention") == 0 and patch.count("rmsnorm") == 5
