@@ -8,7 +8,8 @@
   (DoRA only, to keep the interpreter's time down: the Triton kernels -- norms, RoPE, gated
   activations, loss rows -- are the same for both methods, and DoRA runs the LoRA products too);
 - the same greedy tokens from ``generate`` (KV cache, the no-labels path through the fused
-  attention and MLP);
+  attention and MLP), and the same gradients again with every layer checkpointed (the re-run
+  path: the skipped base down_proj where the architecture allows it, DoRA's reused norm);
 - the per-architecture features are exercised: Qwen2's q/k/v biases, Qwen3 / Gemma 3 per-head
   and OLMo 2 whole-projection q/k norms, Gemma's (1 + w) norm, GeGLU, attention and final-logit
   soft-capping and sliding windows shorter than the sequence, Phi-3's fused qkv / gate_up and
@@ -23,6 +24,7 @@ from helpers_kernels import reference_kernels, rel_err, triton_interpret  # noqa
 
 from loraforge.adapters import attach
 from loraforge.adapters.lora import LoraConfig
+from loraforge.kernels.checkpoint import disable_checkpointing, enable_checkpointing
 from loraforge.kernels.patch import apply_kernels
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
@@ -104,6 +106,12 @@ def _check(model_type: str, use_dora: bool, capsys, generate: bool):
     if generate:
         lm.eval()
         assert torch.equal(lm.generate(ids[:, :4], max_new_tokens=6, do_sample=False), tokens0)
+        lm.train()
+        assert enable_checkpointing(model, skip_last=False) == layers
+        loss2, grads2 = _loss_and_grads(model, ids, labels)
+        disable_checkpointing(model)
+        assert rel_err(loss2, loss0) < 1e-5
+        assert all(rel_err(a, b) < 1e-5 for a, b in zip(grads2, grads0))
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

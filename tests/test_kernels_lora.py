@@ -277,3 +277,24 @@ def test_checkpoint_recomputes_under_the_forward_autocast(reference_kernels):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = torch.autograd.grad(layer(x).float().sum(), layer.weight)[0]
     assert rel_err(layer.weight.grad, expected) < 1e-6
+
+
+def test_dora_norm_reuse_only_for_unchanged_adapters(reference_kernels):
+    """Inside a checkpoint re-run the DoRA norm of the step's forward is reused; an adapter (or base
+    weight) changed since then is recomputed, so the re-run never sees a stale norm."""
+    from loraforge.kernels.checkpoint import _recomputing
+
+    torch.manual_seed(10)
+    layer = _lora(16, 12, use_dora=True)
+    _perturb_magnitudes(layer)
+    x = torch.randn(5, 16)
+    for change in (lambda: layer.lora_A["default"].weight.mul_(1.5), lambda: layer.base_layer.weight.add_(0.1)):
+        (first,) = fused_projections(x, [lora_spec(layer)[0]])
+        with _recomputing():
+            (same,) = fused_projections(x, [lora_spec(layer)[0]])
+        assert torch.equal(same, first)
+        with torch.no_grad():
+            change()
+        with _recomputing():
+            (rerun,) = fused_projections(x, [lora_spec(layer)[0]])
+        assert rel_err(rerun, layer(x)) < 1e-6 and rel_err(first, rerun) > 1e-3

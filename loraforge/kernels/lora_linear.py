@@ -19,7 +19,9 @@ for the matmul (dequantized once), without the ``[out, in]`` sum:
 
     ||W + s B A||^2 = rowsum(W * W) + 2 s rowsum(B * (W A^T)) + s^2 rowsum((B (A A^T)) * B)
 
-at the cost of ``r`` extra rows through ``W``. Backward: ``dm = colsum(dy * z) / ||W + s B A||``
+at the cost of ``r`` extra rows through ``W`` (``rowsum(W * W)`` of a frozen base is kept per
+base layer until its weight tensor changes; inside a checkpointed layer's re-run the norm of
+the same step's forward is reused, A and B being unchanged between the two). Backward: ``dm = colsum(dy * z) / ||W + s B A||``
 and ``dz = c * dy``, then the LoRA backward above with ``dz``; ``z`` is kept (``[T, out]``, what
 PEFT's DoRA keeps too).
 
@@ -32,11 +34,13 @@ name (this package imports nothing else of loraforge).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from loraforge.kernels.checkpoint import in_recompute
 from loraforge.kernels.dequant import dequantize_layer, packed_from_layer
 
 
@@ -157,15 +161,51 @@ class DoraState:
     norm: torch.Tensor
 
 
+_ROW_SQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base layer -> (version, rowsum(W * W))
+_NORMS: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(DoRA magnitude) -> (key, norm), for re-runs
+
+
+def _remember_norm(magnitude: torch.Tensor, key: tuple, norm: torch.Tensor) -> None:
+    if id(magnitude) not in _NORMS:  # dropped with the parameter (tensors compare elementwise: no weak dict)
+        weakref.finalize(magnitude, _NORMS.pop, id(magnitude), None)
+    _NORMS[id(magnitude)] = (key, norm)
+
+
+def _weight_version(base: nn.Module) -> tuple | None:
+    """What identifies the current value of a frozen base weight (None: cannot tell, do not cache)."""
+    weight = base.weight if isinstance(base, nn.Linear) else getattr(base, "qweight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+def _row_norms_sq(w: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    version = _weight_version(base)
+    cached = _ROW_SQ.get(base)
+    if version is not None and cached is not None and cached[0] == (version, w.dtype):
+        return cached[1]
+    w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    if version is not None:
+        _ROW_SQ[base] = ((version, w.dtype), w_sq)
+    return w_sq
+
+
 def dora_norm(w: torch.Tensor, spec: LoraSpec) -> torch.Tensor:
     """``||W + s B A||`` per output row (float32) from ``w`` (the ``W [out, in]`` in hand)."""
+    a_param, b_param = spec.A, spec.B
+    key = (a_param.data_ptr(), a_param._version, b_param.data_ptr(), b_param._version, spec.scale, w.dtype,
+           _weight_version(spec.base))
+    cached = _NORMS.get(id(spec.magnitude))
+    if in_recompute() and cached is not None and cached[0] == key and key[-1] is not None:
+        return cached[1]
     with torch.no_grad():
-        a, b, s = spec.A.float(), spec.B.float(), spec.scale
-        w_at = (w @ spec.A.to(w.dtype).t()).float()                       # [out, r]
-        w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+        a, b, s = a_param.float(), b_param.float(), spec.scale
+        w_at = (w @ a_param.to(w.dtype).t()).float()                       # [out, r]
         cross = (b * w_at).sum(1)
         lora_sq = ((b @ (a @ a.t())) * b).sum(1)
-        return (w_sq + 2.0 * s * cross + (s * s) * lora_sq).clamp_min(0).sqrt()
+        norm = (_row_norms_sq(w, spec.base) + 2.0 * s * cross + (s * s) * lora_sq).clamp_min(0).sqrt()
+    _remember_norm(spec.magnitude, key, norm)
+    return norm
 
 
 def finish(z: torch.Tensor, spec: LoraSpec, dora: DoraState | None) -> torch.Tensor:
@@ -201,9 +241,9 @@ def project(x2: torch.Tensor, specs: list[LoraSpec]
 
 def project_backward(dys: list[torch.Tensor | None], x2: torch.Tensor, xa: torch.Tensor | None,
                      specs: list[LoraSpec], doras: list[DoraState | None] | None = None,
-                     need_dx: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+                     need_dx: bool = True, own_dys: bool = False) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """``(dx, [dA_1, dB_1, (dm_1), ...])`` for :func:`project` (``dy_i = None``: no gradient
-    reached output i)."""
+    reached output i; ``own_dys``: the caller's ``dy`` buffers may be overwritten)."""
     dtype = x2.dtype
     doras = doras or [None] * len(specs)
     dx = None
@@ -217,7 +257,7 @@ def project_backward(dys: list[torch.Tensor | None], x2: torch.Tensor, xa: torch
                 extra = []
                 if dora is not None:
                     extra = [((dy * dora.z).float().sum(0) / dora.norm).to(s.magnitude.dtype)]
-                    dy = dy * dora.c
+                    dy = dy.mul_(dora.c) if own_dys else dy * dora.c
                 grads_bm.append([(dy.t() @ xa[:, col:col + s.rank]).mul_(s.scale).to(s.B.dtype), *extra])
                 gs.append((dy @ s.B.to(dtype)).mul_(s.scale))
             col += s.rank

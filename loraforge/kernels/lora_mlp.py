@@ -107,7 +107,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h
         _act_backward_in_place(dh, g, u, ctx.act)  # outs now hold the gradients of the gate/up outputs
         del dh
-        dx, grads_gu = project_backward(outs, x2, xa, gate_up, ctx.doras, need_dx=ctx.needs_input_grad[0])
+        dx, grads_gu = project_backward(outs, x2, xa, gate_up, ctx.doras, need_dx=ctx.needs_input_grad[0],
+                                        own_dys=True)
         ctx.doras = ctx.down_doras = None
         return (None if dx is None else dx.view(ctx.shape).to(ctx.in_dtype)), None, None, None, *grads_gu, *grads_down
 
