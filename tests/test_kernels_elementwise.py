@@ -104,7 +104,7 @@ def test_partial_rope_matches_phi3(triton_interpret):
                                            ("gemma2.modeling_gemma2.Gemma2RMSNorm", "gemma"),
                                            ("olmo2.modeling_olmo2.Olmo2RMSNorm", "olmo2")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_matches_transformers(module, style, dtype):
+def test_rmsnorm_matches_transformers(triton_interpret, module, style, dtype):
     import importlib
 
     path, name = module.rsplit(".", 1)
@@ -114,6 +114,8 @@ def test_rmsnorm_matches_transformers(module, style, dtype):
     x = torch.randn(4, 24, dtype=dtype)
     got, want = rmsnorm_reference(x, norm.weight, 1e-6, style), norm(x)
     assert got.dtype == want.dtype and torch.equal(got, want)  # the reference is transformers' formula, bit for bit
+    kernel = rmsnorm(x, norm.weight, 1e-6, style)  # the Triton kernel, interpreted
+    assert kernel.dtype == want.dtype and rel_err(kernel, want) < TOL[dtype]
 
 
 def test_dispatch_rules(monkeypatch):
