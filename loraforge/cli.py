@@ -21,7 +21,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),
     "eval": ("loraforge.infer.eval_command", "perplexity or accuracy of a model (and adapter); --compare"),
+    "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
+
+
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("loraforge")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraforge", description="Fine-tune LLMs cheaply: LoRA family on 4-bit bases."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"loraforge {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # positional items after an option (``train run.yaml --dry-run train.lr=1e-4``) belong to them
+    if extra and isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

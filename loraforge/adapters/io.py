@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraforge.adapters.base import AdapterConfig, method_of_peft_type
 from loraforge.adapters.inject import ModulesToSave, condense_target_names
 from loraforge.errors import UserError
+from loraforge.files import apply_umask, save_tensors
 
 if TYPE_CHECKING:
     from loraforge.adapters.model import AdapterModel
@@ -77,8 +78,9 @@ def save_adapter(adapter_model: AdapterModel, name: str, directory: str | Path) 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(adapter_model, name).items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config_dict(adapter_model, name), indent=2) + "\n")
+    apply_umask(directory / CONFIG_NAME)
 
 
 def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:

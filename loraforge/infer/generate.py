@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import UserError
+from loraforge.files import apply_umask
 
 
 @dataclass
@@ -188,6 +189,7 @@ def write_jsonl(rows: Sequence[dict], out: str | Path | None) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(lines)
+        apply_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

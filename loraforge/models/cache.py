@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.files import apply_umask
 
 _CHUNK = 1 << 20
 
@@ -70,6 +71,7 @@ def _write_json_atomic(file: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
+    apply_umask(tmp)
     os.replace(tmp, file)
 
 
@@ -92,11 +94,9 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        apply_umask(tmp)  # mkdtemp / safetensors make private files; the result is an ordinary folder
         if final.exists() and overwrite:
             old = final.with_name(f".{final.name}.{tmp.name}.old")
             os.replace(final, old)

@@ -35,8 +35,7 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
     [out, in], double_quant, compute_dtype); ``L.bias`` and every other tensor as usual (tied
     tensors once). Weight = quant_map[code] * absmax per block, row-major.
     """
-    from safetensors.torch import save_file
-
+    from loraforge.files import save_tensors
     from loraforge.quant.linear import QuantLinear
 
     out = Path(out_dir)
@@ -72,7 +71,7 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     return out
 

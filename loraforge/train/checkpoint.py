@@ -9,10 +9,12 @@ A checkpoint ``output_dir/checkpoints/step-000050/`` holds
                         numpy) and the data position (step, epoch, index in that epoch's
                         shuffled order)
 
-It is written into ``checkpoints/.tmp-step-000050`` and renamed with ``os.replace`` once every
-file is flushed, so a directory named ``step-*`` is always complete: a crash while saving leaves
-the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the next save. After a
-save only the newest ``keep_last`` checkpoints remain.
+It is written into ``checkpoints/.tmp-step-000050``, every file fsynced, and renamed with
+``os.replace``, so a directory named ``step-*`` is always complete: a crash while saving leaves
+the previous checkpoints untouched and only a ``.tmp-*`` folder, removed by the next save. A
+write that fails (a full disk, a quota) removes the ``.tmp-*`` folder and raises a UserError naming
+the checkpoint and the previous one, which is intact. After a save only the newest ``keep_last``
+checkpoints remain.
 
 Resuming restores the trainable tensors from ``trainer_state.pt`` (bit for bit, whatever dtype
 the PEFT export uses), then optimizer, scheduler, method state, RNG states and data position.
@@ -29,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from loraforge.errors import UserError
+from loraforge.files import describe_os_error, fsync_tree, os_error_in
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -106,8 +111,6 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{position.step:06d}"
     tmp = root / f".tmp-{name}"
-    tmp.mkdir()
-    adapter_model.save_pretrained(tmp / "adapter")
     state = {
         "trainable": trainable_state(adapter_model),
         "optimizer": optimizer.state_dict(),
@@ -116,10 +119,21 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
         "rng": rng_state(),
         "position": {"step": position.step, "epoch": position.epoch, "index": position.index},
     }
-    with open(tmp / "trainer_state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        tmp.mkdir()
+        adapter_model.save_pretrained(tmp / "adapter")
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(state, f)
+        fsync_tree(tmp)
+    except Exception as failure:  # torch.save turns an OSError into a RuntimeError while closing its zip
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = os_error_in(failure)
+        if err is None:
+            raise
+        previous = latest_checkpoint(output_dir)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint {name}: {describe_os_error(err)}; {kept}; free some space "
+                        "and continue with --resume", where=str(root)) from None
     final = root / name
     if final.exists():  # the same step saved again (e.g. an interrupt right after a save)
         shutil.rmtree(final)
@@ -132,12 +146,19 @@ def save_checkpoint(output_dir: Path, *, adapter_model, optimizer, scheduler, po
 def load_checkpoint(path: Path, *, adapter_model, optimizer, scheduler, hooks=None) -> Position:
     """Restore everything saved in ``path`` (``hooks``: the method's training hooks); returns the
     data position to continue from."""
-    state = torch.load(Path(path) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    file = Path(path) / "trainer_state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError("the checkpoint has no trainer_state.pt", where=str(path)) from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+        earlier = [p.name for p in list_checkpoints(Path(path).parent.parent) if p != Path(path)]
+        hint = (f"; remove {Path(path).name} to resume from {earlier[-1]}" if earlier else "")
+        raise UserError(f"cannot read the checkpoint (truncated or corrupt: {str(err).splitlines()[0][:120]}){hint}",
+                        where=str(file)) from None
     params = dict(adapter_model.named_parameters())
     missing = [n for n in state["trainable"] if n not in params]
     if missing or len(state["trainable"]) != sum(p.requires_grad for p in params.values()):
-        from loraforge.errors import UserError
-
         raise UserError(
             "checkpoint does not match the configured adapter (changed method, rank or targets?)",
             where=str(path),

@@ -1,4 +1,9 @@
-"""``loraforge train [CONFIG.yaml] [key=value ...] [--resume]``; with no config, the embedded demo."""
+"""``loraforge train [CONFIG.yaml] [key=value ...] [--resume] [--dry-run]``.
+
+With no config file it is the embedded demo (its settings as defaults under the overrides), unless
+the overrides name another model or other data (``model=...``, ``data.train=...``): then it is the
+user's run on the schema's defaults, without the demo's before/after quiz.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in output_dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, read and tokenize the data (tokenizer only, no weights), print "
+                             "the resolved config, the data statistics and the first examples with their trained "
+                             "spans marked, then exit")
+    parser.add_argument("--show", type=int, default=3, metavar="N",
+                        help="with --dry-run: how many examples to print (default 3)")
 
 
 def split_items(items: list[str]) -> tuple[str | None, list[str]]:
@@ -33,12 +44,22 @@ def run(args: argparse.Namespace) -> int:
     config_path, overrides = split_items(args.items)
     if args.resume:
         overrides.append("resume=true")
-    if config_path is None:
-        from loraforge.train.demo import run_demo
-
-        return run_demo(overrides)
     from loraforge.train.config import load_config
+    from loraforge.train.demo import demo_config, is_demo, run_demo
+
+    demo = config_path is None and is_demo(overrides)
+    if demo:
+        config = demo_config(overrides)
+    else:
+        config = load_config(config_path, overrides)
+    if args.dry_run:
+        from loraforge.train.dry_run import dry_run
+
+        dry_run(config, show=args.show)
+        return 0
+    if demo:
+        return run_demo(config)
     from loraforge.train.loop import train
 
-    train(load_config(config_path, overrides))
+    train(config)
     return 0

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -53,15 +52,13 @@ from loraforge.train.checkpoint import (
     save_checkpoint,
 )
 from loraforge.train.config import Config, dump_yaml
-from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, peak_memory_bytes
+from loraforge.train.logging import RunLog, peak_memory_bytes
+from loraforge.train.outputs import check_output_dir, clear_previous_run, create_output_dir
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
 from loraforge.train.summary import banner_rows, finish
 
 IGNORE = -100
-# Files a run writes into output_dir (``overwrite: true`` removes exactly these).
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base")
 
 
 @dataclass
@@ -81,7 +78,7 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     console = console or Console()
     seed_everything(t.seed)
     output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config)
+    check_output_dir(config)  # another run there, or not writable: before anything loads
 
     # Data files first: a malformed row fails before the model loads or anything is written.
     train_records, eval_records = build.read_records(config)
@@ -113,7 +110,8 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     if resume_from is not None:
         position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler,
                                    hooks=hooks)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    clear_previous_run(config)
+    create_output_dir(config)
     (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
 
     pad_id = pad_token_id(tokenizer)
@@ -305,26 +303,6 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
     mask_dtype = torch.bfloat16 if compute_dtype_name(device) != "fp32" else torch.float32
     batch = data.collate(examples, pad_id, mask_dtype=mask_dtype)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def check_output_dir(output_dir: Path, config: Config) -> None:
-    """Refuse to mix two runs in one folder unless resuming or ``overwrite: true``."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise UserError("output_dir exists and is not a folder", where=str(output_dir))
-    ours = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not ours or config.resume:
-        return
-    if not config.overwrite:
-        raise UserError(
-            "output_dir already holds a run; continue it with --resume, replace it with "
-            "overwrite=true, or pick another output_dir=...",
-            where=str(output_dir),
-        )
-    for name in ours:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class InterruptFlag:

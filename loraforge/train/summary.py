@@ -73,9 +73,20 @@ def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, 
 def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
     """Write the adapter, tokenizer, plot and model card; print the summary."""
     out = result.output_dir
-    result.model.save_pretrained(out)
-    if hasattr(result.tokenizer, "save_pretrained"):
-        result.tokenizer.save_pretrained(out)
+    try:
+        result.model.save_pretrained(out)
+        if hasattr(result.tokenizer, "save_pretrained"):
+            result.tokenizer.save_pretrained(out)
+    except OSError as err:
+        from loraforge.errors import UserError
+        from loraforge.files import describe_os_error
+        from loraforge.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        kept = (f"the checkpoint {last} is intact: free some space and run again with --resume to save it"
+                if last else "no checkpoint was saved (train.save_every)")
+        raise UserError(f"could not write the trained adapter: {describe_os_error(err)}; {kept}",
+                        where=str(out)) from None
     base = save_loftq_base(result, out / "base") if config.adapter.init == "loftq" else None
     plot = plot_losses(out)
     write_model_card(out, config, result)
