@@ -17,7 +17,12 @@ GPU (--device cuda): random-weight Llama-3 shapes (``--shape llama3-1b|llama3-8b
   unsloth and loraforge, through ``../shared/bench/peer_arms.py`` (imported, not copied: its
   ``train_loop`` times every arm). Peak = torch.cuda.max_memory_allocated.
 
+DoRA (``--methods lora,dora``): every arm runs once per method (PEFT's ``use_dora=True``,
+loraforge's fused DoRA), and the table adds each arm's DoRA / LoRA ratio of step time and of CPU
+time per step (the issue-12 target for loraforge: <= 1.15x; PEFT's is 1.8-2.8x on GPU).
+
     python benchmarks/train_step.py --steps 3 --threads 1      # CPU table
+    python benchmarks/train_step.py --steps 5 --threads 1 --arms peft,loraforge --methods lora,dora
     python benchmarks/train_step.py --steps 3 --threads 1 --arms peft,loraforge --no-checkpointing
     python benchmarks/train_step.py --device cuda --shape llama3-8b --bs 2 --seq 2048
 """
@@ -52,6 +57,9 @@ def _freeze(model):
 CHECKPOINTING = True  # --no-checkpointing turns it off in every arm (the "best setting" row on CPU)
 
 
+DORA = False  # --methods ... dora: the arm's DoRA variant
+
+
 def _peft(model, r, alpha):
     from peft import LoraConfig, get_peft_model
 
@@ -59,14 +67,14 @@ def _peft(model, r, alpha):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
-                                            bias="none", task_type="CAUSAL_LM"))
+                                            bias="none", task_type="CAUSAL_LM", use_dora=DORA))
 
 
 def _loraforge(model, r, alpha, kernels=True):
     from loraforge.adapters import attach
     from loraforge.adapters.lora import LoraConfig
 
-    wrapped = attach(model, LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=TARGETS))
+    wrapped = attach(model, LoraConfig(r=r, alpha=alpha, dropout=0.0, targets=TARGETS, use_dora=DORA))
     if kernels:
         from loraforge.kernels.checkpoint import enable_checkpointing
         from loraforge.kernels.patch import apply_kernels
@@ -197,7 +205,7 @@ def run_arm(a):
         model = build_cpu(a.arm, a.r, a.r)
         res = cpu_loop(model, model.config.vocab_size if hasattr(model, "config") else 49152, a.bs, a.seq, a.steps, a.warm)
         res["threads"] = torch.get_num_threads()
-    res["arm"] = a.arm
+    res["arm"], res["method"] = a.arm, a.method
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -215,9 +223,12 @@ def main():
     ap.add_argument("--path", default="/tmp/rand_model")
     ap.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off in every arm")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads per arm (default: torch's)")
+    ap.add_argument("--methods", default="lora", help="comma-separated: lora, dora (each arm runs once per method)")
+    ap.add_argument("--method", default="lora", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    global CHECKPOINTING
+    global CHECKPOINTING, DORA
     CHECKPOINTING = not a.no_checkpointing
+    DORA = a.method == "dora"
     gpu = a.device == "cuda"
     a.bs = a.bs or (2 if gpu else 4)
     a.seq = a.seq or (2048 if gpu else 128)
@@ -226,29 +237,41 @@ def main():
     if a.arm:
         return run_arm(a)
     arms = a.arms.split(",") if a.arms else (GPU_ARMS if gpu else CPU_ARMS)
+    methods = a.methods.split(",")
     rows = []
     for arm in arms:
-        cmd = [sys.executable, __file__, "--arm", arm, "--device", a.device, "--shape", a.shape, "--bs", str(a.bs),
-               "--seq", str(a.seq), "--steps", str(a.steps), "--warm", str(a.warm), "--r", str(a.r), "--path", a.path] + (["--threads", str(a.threads)] if a.threads else []) \
-            + (["--no-checkpointing"] if a.no_checkpointing else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            print(f"[{arm}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(line[7:]))
-        print(f"[{arm}] done: {rows[-1]['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+        for method in methods:
+            cmd = [sys.executable, __file__, "--arm", arm, "--method", method, "--device", a.device, "--shape", a.shape,
+                   "--bs", str(a.bs), "--seq", str(a.seq), "--steps", str(a.steps), "--warm", str(a.warm),
+                   "--r", str(a.r), "--path", a.path] + (["--threads", str(a.threads)] if a.threads else []) \
+                + (["--no-checkpointing"] if a.no_checkpointing else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                print(f"[{arm} {method}] failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(line[7:]))
+            print(f"[{arm} {method}] done: {rows[-1]['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     where = f"{a.shape}, " if gpu else "SmolLM2-135M-Instruct, "
     print(f"\n{where}{a.bs} x {a.seq} tokens, r={a.r} alpha={a.r} on {','.join(TARGETS)}, AdamW, "
           f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
     cpu = not gpu
-    print("| arm | tokens/s | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
+    print("| arm | method | tokens/s | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
           + " peak GiB | loss first -> last |")
-    print("|---|---|---|" + ("---|---|" if cpu else "") + "---|---|")
+    print("|---|---|---|---|" + ("---|---|" if cpu else "") + "---|---|")
     for r in rows:
         extra = f" {r['cpu_s']:.2f} | {a.bs * a.seq / r['cpu_s']:.1f} |" if cpu else ""
-        print(f"| {r['arm']} | {r['tok_s']:.1f} | {r['step_s']:.3f} |{extra} {r['peak_gib']:.2f} | "
+        print(f"| {r['arm']} | {r['method']} | {r['tok_s']:.1f} | {r['step_s']:.3f} |{extra} {r['peak_gib']:.2f} | "
               f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |")
+    by = {(r["arm"], r["method"]): r for r in rows}
+    ratios = [(arm, by[arm, "lora"], by[arm, "dora"]) for arm in arms if (arm, "lora") in by and (arm, "dora") in by]
+    if ratios:
+        print("\n| arm | DoRA / LoRA step time | DoRA / LoRA CPU time per step |")
+        print("|---|---|---|")
+        for arm, lo, do in ratios:
+            cpu_ratio = f"{do['cpu_s'] / lo['cpu_s']:.2f}x" if cpu else "-"
+            print(f"| {arm} | {do['step_s'] / lo['step_s']:.2f}x | {cpu_ratio} |")
 
 
 if __name__ == "__main__":

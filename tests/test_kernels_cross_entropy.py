@@ -1,6 +1,7 @@
 """Chunked linear + cross-entropy against F.cross_entropy on the full logits (float64), with ignored
 labels (-100), chunk boundaries that cut rows unevenly, "mean" and "sum", gradients for the hidden
-states and the head weight; the Triton row kernel (interpreted) and the PyTorch path.
+states and the head weight; the Triton row kernel (interpreted) and the PyTorch path; Granite's
+logit divisor and Gemma's final soft-cap.
 Tolerance: relative error <= 1e-5 (float32), <= 2e-2 (bfloat16 hidden states and weight).
 """
 
@@ -25,17 +26,20 @@ def _case(dtype, seed, ignore_first=5):
     return hidden, weight, labels
 
 
-def _expected(hidden, weight, labels, reduction, scale):
+def _expected(hidden, weight, labels, reduction, scale, divisor=1.0, softcap=None):
     h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    loss = F.cross_entropy((h @ w.t()).view(-1, 250), labels.view(-1), reduction=reduction)
+    logits = (h @ w.t()) / divisor
+    if softcap is not None:  # as Gemma2ForCausalLM.forward
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits.view(-1, 250), labels.view(-1), reduction=reduction)
     return (loss, *torch.autograd.grad(loss * scale, (h, w)))
 
 
-def _check(dtype, reduction, tol):
+def _check(dtype, reduction, tol, **head):
     hidden, weight, labels = _case(dtype, seed=hash(reduction) % 100)
-    loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=4)
+    loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=4, **head)
     dh, dw = torch.autograd.grad(loss * 0.5, (hidden, weight))
-    want, want_dh, want_dw = _expected(hidden, weight, labels, reduction, 0.5)
+    want, want_dh, want_dw = _expected(hidden, weight, labels, reduction, 0.5, **head)
     assert rel_err(loss, want) < tol and rel_err(dh, want_dh) < tol and rel_err(dw, want_dw) < tol
     assert dh[0, :5].abs().max() == 0  # ignored positions get no gradient
     assert dw.dtype == weight.dtype and dh.dtype == hidden.dtype
@@ -44,6 +48,11 @@ def _check(dtype, reduction, tol):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_triton_rows_kernel(triton_interpret, reduction):
     _check(torch.float32, reduction, 1e-5)
+
+
+@pytest.mark.parametrize("head", [{"divisor": 4.0}, {"softcap": 1.5}, {"divisor": 0.5, "softcap": 2.0}])
+def test_logit_divisor_and_softcap(triton_interpret, head):
+    _check(torch.float32, "mean", 1e-5, **head)
 
 
 def test_triton_rows_kernel_bf16(triton_interpret):

@@ -1,5 +1,6 @@
-"""RMSNorm, SwiGLU and RoPE: the Triton kernels (interpreted on CPU) forward and backward against
-float64 autograd of the PyTorch references (which are transformers' Llama formulas).
+"""RMSNorm, SwiGLU / GeGLU and RoPE: the Triton kernels (interpreted on CPU) forward and backward
+against float64 autograd of the PyTorch references (which are transformers' formulas), and the
+references against transformers' own modules (Llama, Gemma 2, OLMo 2 norms; Phi-3's partial RoPE).
 
 Tolerances (relative error ||out - ref|| / ||ref||): float32 <= 1e-5; bfloat16 inputs <= 2e-2
 (Triton's interpreter truncates to bfloat16 where the GPU rounds to nearest, so bf16 results are
@@ -40,13 +41,27 @@ def test_rmsnorm(triton_interpret, dtype):
         assert rel_err(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("style", ["gemma", "olmo2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu(triton_interpret, dtype):
+def test_rmsnorm_styles(triton_interpret, dtype, style):
+    x = torch.randn(6, 40, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(40, dtype=dtype)).requires_grad_()
+    dy = torch.randn(6, 40, dtype=dtype)
+    out, (dx, dw) = _grads(lambda a, b: RMSNormFunction.apply(a, b, 1e-6, style), (x, w), dy)
+    ref, (rdx, rdw) = _grads(lambda a, b: rmsnorm_reference(a, b, 1e-6, style), _f64(x, w), dy.double())
+    assert out.dtype == dtype
+    for got, want in ((out, ref), (dx, rdx), (dw, rdw)):
+        assert rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(triton_interpret, dtype, act):
     g = (3 * torch.randn(7, 50, dtype=dtype)).requires_grad_()
     u = torch.randn(7, 50, dtype=dtype, requires_grad=True)
     dh = torch.randn(7, 50, dtype=dtype)
-    out, grads = _grads(SwiGLUFunction.apply, (g, u), dh)
-    ref, rgrads = _grads(swiglu_reference, _f64(g, u), dh.double())
+    out, grads = _grads(lambda a, b: SwiGLUFunction.apply(a, b, act), (g, u), dh)
+    ref, rgrads = _grads(lambda a, b: swiglu_reference(a, b, act), _f64(g, u), dh.double())
     for got, want in ((out, ref), *zip(grads, rgrads)):
         assert rel_err(got, want) < TOL[dtype]
 
@@ -73,14 +88,34 @@ def test_rope_matches_transformers(triton_interpret):
         assert rel_err(got, want) < 1e-6
 
 
-def test_rmsnorm_matches_transformers(triton_interpret):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+def test_partial_rope_matches_phi3(triton_interpret):
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
-    norm = LlamaRMSNorm(24, eps=1e-6)
+    q, k = torch.randn(1, 4, 6, 8).requires_grad_(), torch.randn(1, 2, 6, 8)
+    cos, sin = torch.randn(1, 6, 4), torch.randn(1, 6, 4)  # rotary dim 4 of 8
+    got, want = apply_rope(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
+    dq = torch.randn_like(q)
+    assert rel_err(torch.autograd.grad(got[0], q, dq)[0], torch.autograd.grad(want[0], q, dq)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("module, style", [("llama.modeling_llama.LlamaRMSNorm", "llama"),
+                                           ("gemma2.modeling_gemma2.Gemma2RMSNorm", "gemma"),
+                                           ("olmo2.modeling_olmo2.Olmo2RMSNorm", "olmo2")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_transformers(triton_interpret, module, style, dtype):
+    import importlib
+
+    path, name = module.rsplit(".", 1)
+    norm = getattr(importlib.import_module(f"transformers.models.{path}"), name)(24, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_()
-    x = torch.randn(4, 24)
-    assert rel_err(rmsnorm(x, norm.weight, 1e-6), norm(x)) < 1e-6
+    x = torch.randn(4, 24, dtype=dtype)
+    got, want = rmsnorm_reference(x, norm.weight, 1e-6, style), norm(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)  # the reference is transformers' formula, bit for bit
+    kernel = rmsnorm(x, norm.weight, 1e-6, style)  # the Triton kernel, interpreted
+    assert kernel.dtype == want.dtype and rel_err(kernel, want) < TOL[dtype]
 
 
 def test_dispatch_rules(monkeypatch):

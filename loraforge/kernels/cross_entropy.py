@@ -7,6 +7,11 @@ are dropped before the head matmul), in chunks of ``chunk_size`` tokens:
     z = h W^T  (float32)        loss_t = logsumexp(z_t) - z_t[y_t]
     dz = softmax(z) - onehot(y)        dh = dz W        dW += dz^T h     (dW only if W trains)
 
+Heads that transform the logits before the loss: ``z / divisor`` (Granite's ``logits_scaling``)
+and the soft cap ``c tanh(z / c)`` (Gemma 2 / 3 ``final_logit_softcapping``), applied in that
+order as transformers does; their derivatives ``1 / divisor`` and ``1 - tanh^2`` multiply ``dz``
+(PyTorch ops on the ``[chunk, vocab]`` block, around the row kernel).
+
 The gradients are formed in the forward pass, chunk by chunk, scaled by ``1 / n_trained``
 (``reduction="mean"``, what ``F.cross_entropy`` does) or 1 (``"sum"``: a trainer that normalises
 by the trained tokens of all micro-batches divides itself); the backward only multiplies them by
@@ -35,9 +40,12 @@ CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk
 
 
 def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            reduction: str = "mean", ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                            reduction: str = "mean", ignore_index: int = IGNORE_INDEX, divisor: float = 1.0,
+                            softcap: float | None = None) -> torch.Tensor:
     """Full logits, then ``F.cross_entropy`` (what transformers does)."""
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float() / divisor
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
 
@@ -88,7 +96,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """``loss(hidden [T, H], weight [V, H], labels [T])`` with chunk-wise gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, reduction: str, ignore_index: int, chunk: int):
+    def forward(ctx, hidden, weight, labels, reduction: str, ignore_index: int, chunk: int,
+                divisor: float = 1.0, softcap: float | None = None):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         trained = (labels != ignore_index).nonzero().squeeze(1)
@@ -101,7 +110,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             rows = trained[start:start + chunk]
             h = hidden.index_select(0, rows)
             z = (h @ weight.t()).float()
+            if divisor != 1.0:
+                z.div_(divisor)
+            if softcap is not None:
+                t = z.div_(softcap).tanh_()
+                z = t * softcap
             total += _rows_loss_and_grad(z, labels.index_select(0, rows), scale).sum()
+            if softcap is not None:
+                z.mul_(t.square_().neg_().add_(1.0))
+            if divisor != 1.0:
+                z.div_(divisor)
             if want_h or want_w:
                 dz = z.to(hidden.dtype)
                 if want_h:
@@ -118,18 +136,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
-                         chunk_size: int | None = None) -> torch.Tensor:
-    """Cross-entropy of ``hidden @ weight^T`` against ``labels`` without full logits.
+                         chunk_size: int | None = None, divisor: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight^T`` (``/ divisor``, then soft-capped to ``softcap``
+    when given) against ``labels`` without full logits.
 
     ``hidden [..., H]``, ``labels [...]`` (already shifted for causal LM), ``weight [V, H]``;
     ``reduction`` is ``"mean"`` (over trained tokens) or ``"sum"``."""
     check_choice(reduction, ("mean", "sum"), "reduction", where="linear_cross_entropy")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_size or default_chunk(weight.shape[0])
-    return LinearCrossEntropyFunction.apply(h2, weight, labels.reshape(-1).to(h2.device), reduction, ignore_index, chunk)
+    return LinearCrossEntropyFunction.apply(h2, weight, labels.reshape(-1).to(h2.device), reduction, ignore_index, chunk,
+                                            float(divisor), None if softcap is None else float(softcap))
 

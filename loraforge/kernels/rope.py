@@ -7,7 +7,8 @@ convention (``rotate_half``: the two halves of the head dimension form the pairs
 Backward (cos and sin carry no gradient): ``dx1 = dy1 * cos1 + dy2 * sin2``,
 ``dx2 = dy2 * cos2 - dy1 * sin1`` -- the same kernel with ``sin`` negated and the halves' roles
 swapped, run with a ``BACKWARD`` flag. ``x`` is ``[B, heads, S, D]`` (any strides: one program per
-(b, head, s) row), ``cos`` / ``sin`` are ``[B or 1, S, D]`` as the model's rotary module returns.
+(b, head, s) row), ``cos`` / ``sin`` are ``[B or 1, S, D]`` as the model's rotary module returns (narrower than
+``D`` for partial rotary: the remaining dimensions pass through).
 """
 
 from __future__ import annotations
@@ -92,7 +93,14 @@ class RoPEFunction(torch.autograd.Function):
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` for ``[B, heads, S, D]`` tensors."""
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` for ``[B, heads, S, D]`` tensors.
+
+    Partial rotary (Phi-3's ``partial_rotary_factor``: ``cos`` narrower than ``D``) rotates the
+    first ``cos.shape[-1]`` dimensions and passes the rest through, as transformers does."""
+    rotary = cos.shape[-1]
+    if rotary < q.shape[-1]:
+        (q_rot, k_rot), passes = apply_rope(q[..., :rotary], k[..., :rotary], cos, sin), (q[..., rotary:], k[..., rotary:])
+        return torch.cat([q_rot, passes[0]], dim=-1), torch.cat([k_rot, passes[1]], dim=-1)
     if use_triton(q) and q.shape[-1] % 2 == 0:
         return RoPEFunction.apply(q, cos, sin), RoPEFunction.apply(k, cos, sin)
     return rope_reference(q, cos, sin), rope_reference(k, cos, sin)

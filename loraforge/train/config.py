@@ -130,7 +130,7 @@ class TrainSection:
     weight_decay: float = 0.0
     seed: int = 0
     gradient_checkpointing: bool = True
-    kernels: bool = True  # fused kernels (Llama family; loraforge.kernels), false: transformers' forward
+    kernels: bool = True  # fused kernels (model types of loraforge.kernels.arch_specs), false: transformers' forward
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
