@@ -2,8 +2,17 @@
 
     Y = X dequant(c1, c2, W_k) + b,   dequant(c1, c2, W) = dequant(dequant(c1, c2), W_k)
 
-The weight lives only as packed k-bit codes plus block scales (optionally double-quantized);
-every forward (and backward) dequantizes it to the compute dtype for one matmul and drops it.
+The weight lives only as packed k-bit codes plus block scales (optionally double-quantized).
+How a forward computes the product (the result is the same to float32 rounding):
+
+- few rows (decode: at most 16) of float32 input on the CPU, no gradient wanted, 4-bit codes: the
+  fused kernel of :mod:`loraforge.kernels.cpu_gemv`, which reads the packed codes and scales once
+  and never materialises the weight;
+- otherwise (prefill, training, other devices and bit widths): the weight is dequantized to the
+  compute dtype (4-bit: into one buffer shared by all layers and reused from call to call, see
+  :func:`loraforge.kernels.lora_linear.base_weight`) for one matmul, in forward and again in
+  backward.
+
 Gradients flow to the input only: the base weight is frozen, as in QLoRA, where only the
 adapters on top of it train.
 """
@@ -17,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import UserError
+from loraforge.kernels import cpu_gemv
+from loraforge.kernels.dequant import packed_from_layer
+from loraforge.kernels.lora_linear import base_weight
 from loraforge.quant.blockwise import (
     check_blocksize,
     dequantize_blockwise,
@@ -31,20 +43,33 @@ from loraforge.quant.double_quant import NESTED_BLOCKSIZE, NestedAbsmax, compres
 
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """``F.linear(x, W, bias)`` with ``W`` rebuilt from codes in forward and again in backward,
-    so no full-precision weight outlives the call. Returns a gradient for ``x`` only."""
+    """``F.linear(x, W, bias)`` with ``W`` rebuilt from codes in forward and again in backward
+    (4-bit: into the shared buffer, valid until the next layer's call), so no full-precision
+    weight outlives the call. Returns a gradient for ``x`` only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return F.linear(x, base_weight(layer, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype)
+            grad_x = grad_out @ base_weight(ctx.layer, grad_out.dtype)
         return grad_x, None, None
+
+
+def _fused_decode(layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The fused CPU product for decode shapes, or ``None`` where it does not apply."""
+    if layer.qtype.storage_bits != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    w = packed_from_layer(layer)
+    if w is None or not cpu_gemv.supports(x, w):
+        return None
+    return cpu_gemv.gemv_4bit_cpu(x, w, bias)
 
 
 class QuantLinear(nn.Module):
@@ -218,7 +243,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _DequantizedMatmul.apply(x.to(self.compute_dtype), self, bias)
+        xc = x.to(self.compute_dtype)
+        out = _fused_decode(self, xc, bias)
+        if out is None:
+            out = _DequantizedMatmul.apply(xc, self, bias)
         return out.to(x.dtype)
 
     def bits_per_parameter(self) -> float:
