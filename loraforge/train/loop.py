@@ -56,6 +56,7 @@ from loraforge.train.config import Config, dump_yaml
 from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, peak_memory_bytes
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
+from loraforge.train.checkpointing import decide_checkpointing
 from loraforge.train.summary import banner_rows, finish
 
 IGNORE = -100
@@ -97,7 +98,10 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
         model, config, echo=lambda line: console.print(line, markup=False, highlight=False))
     if t.kernels:
         apply_kernels(adapter_model)  # fused LoRA blocks, norms and the chunked loss; notices where not
-    if t.gradient_checkpointing:
+    longest = max((len(e["input_ids"]) for e in train_set), default=0)
+    checkpointing = decide_checkpointing(t.gradient_checkpointing, getattr(model, "config", None), device,
+                                         t.batch_size * longest, 2 if device.type == "cuda" else 4)
+    if checkpointing.on:
         enable_gradient_checkpointing(adapter_model)
     params = [p for p in adapter_model.parameters() if p.requires_grad]
     if not params:
@@ -123,7 +127,7 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
     result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
     log = RunLog(output_dir, total_steps=n_steps, start_step=position.step, console=console)
     log.banner(banner_rows(config, adapter_model, device, compute_dtype_name(device), train_set, eval_set, n_steps,
-                           optimizer))
+                           optimizer) + [("checkpointing", checkpointing.describe())])
     log.note(train_stats.summary())
     if config.adapter.init == "loftq" and resume_from is None:  # LoftQ's errors, as a step-0 row
         report = adapter_model.configs["default"].report
