@@ -73,12 +73,13 @@ def test_dequantization_gives_the_reference_bits(shape, double_quant):
 def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkeypatch):
     layer = quant_layer(40, 96)
     calls = []
-    real = cpu_gemv.gemv_4bit_cpu
-    monkeypatch.setattr(cpu_gemv, "gemv_4bit_cpu", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_gemv.gemv_with_args
+    monkeypatch.setattr(cpu_gemv, "gemv_with_args", lambda *a: calls.append(a[0].shape) or real(*a))
     with torch.no_grad():
         x = torch.randn(2, 8, 96)  # 16 rows: fused
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
         layer(torch.randn(17, 96))  # 17 rows: dequantize + one GEMM
+        assert layer(torch.randn(0, 96)).shape == (0, 40)  # no rows: nothing to fuse
         layer(torch.randn(2, 96).bfloat16())  # compute dtype float32: fused after the cast
     assert calls == [(2, 8, 96), (2, 96)]
     x = torch.randn(3, 96, requires_grad=True)
@@ -92,7 +93,7 @@ def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkey
 
 
 def test_reference_mode_turns_the_kernel_off(reference_kernels, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(cpu_gemv, "gemv_4bit_cpu", lambda *a: pytest.fail("fused path used"))
+    monkeypatch.setattr(cpu_gemv, "gemv_with_args", lambda *a: pytest.fail("fused path used"))
     layer = quant_layer(40, 96)
     with torch.no_grad():
         x = torch.randn(1, 96)
@@ -173,3 +174,17 @@ def test_the_build_is_cached_per_source_and_reused(tmp_path, monkeypatch):
         assert list(tmp_path.glob("kernels/*.so")) == [built]
     finally:
         cpu_gemv._load.cache_clear()
+
+
+def test_kept_kernel_arguments_follow_replaced_and_reloaded_buffers():
+    a, b = quant_layer(40, 96, seed=1), quant_layer(40, 96, seed=2)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        expected = b(x)
+        a(x)  # arguments kept for a's buffers
+        a.load_state_dict(b.state_dict())  # copied in place: same addresses, new values
+        torch.testing.assert_close(a(x), expected, rtol=0, atol=0)
+        c = quant_layer(40, 96, seed=3)
+        for name in ("qweight", "absmax", "nested_absmax", "offset"):
+            setattr(a, name, getattr(c, name).clone())  # new tensors: new addresses
+        torch.testing.assert_close(a(x), c(x), rtol=0, atol=0)

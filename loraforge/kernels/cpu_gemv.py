@@ -45,7 +45,6 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-_F = ctypes.c_float
 
 
 def _cache_dir() -> Path:
@@ -115,9 +114,9 @@ def _load() -> ctypes.CDLL | None:
     except OSError as exc:
         notice(f"loading the 4-bit CPU kernel failed ({exc}): using the PyTorch reference")
         return None
-    lib.lf_gemv4.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _I, _P, _P]
+    lib.lf_gemv4.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P]
     lib.lf_gemv4.restype = ctypes.c_int
-    lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _F, _P, _I, _P]
+    lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
     lib.lf_dequant4.restype = None
     return lib
 
@@ -133,18 +132,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _weight_args(w: Packed4bit) -> tuple:
-    """(packed, absmax f32, absmax u8, nested, map8, offset, code, blocksize) as C arguments."""
-    for name in ("packed", "absmax", "code", "nested_absmax", "nested_code"):
+def weight_args(w: Packed4bit) -> tuple:
+    """The weight's C arguments (packed, absmax f32, absmax u8, nested, map8, offset, code,
+    blocksize): raw pointers, valid while ``w``'s tensors live and do not move. Callers may keep
+    them (QuantLinear does, keyed by its buffers' addresses) to skip this per call."""
+    w.check()
+    for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
         t = getattr(w, name)
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous CPU tensor")
-    if w.code.dtype != torch.float32 or (w.double_quant and w.nested_code.dtype != torch.float32):
-        raise ValueError("code books must be float32")
+    if w.code.dtype != torch.float32 or (w.double_quant and (w.nested_code.dtype != torch.float32
+                                                             or w.offset.dtype != torch.float32)):
+        raise ValueError("code books and offset must be float32")
     if w.double_quant:
         return (_ptr(w.packed), None, _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code),
-                float(w.offset), _ptr(w.code), w.blocksize)
-    return (_ptr(w.packed), _ptr(w.absmax), None, None, None, 0.0, _ptr(w.code), w.blocksize)
+                _ptr(w.offset), _ptr(w.code), w.blocksize)
+    return (_ptr(w.packed), _ptr(w.absmax), None, None, None, None, _ptr(w.code), w.blocksize)
 
 
 def supports(x: torch.Tensor, w: Packed4bit) -> bool:
@@ -158,24 +161,28 @@ def supports(x: torch.Tensor, w: Packed4bit) -> bool:
 
 def gemv_4bit_cpu(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(w)^T + bias`` for float32 ``x [..., K]`` (no gradient); check :func:`supports` first."""
-    w.check()
-    N, K = w.shape
-    x2 = x.detach().reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     if bias is not None:
         bias = bias.detach().float().contiguous()
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    status = library().lf_gemv4(_ptr(x2), x2.shape[0], x2.stride(0), N, K, *_weight_args(w), _ptr(bias), _ptr(y))
-    if status != 0:
+    return gemv_with_args(x, weight_args(w), w.shape[0], bias)
+
+
+def gemv_with_args(x: torch.Tensor, args: tuple, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`gemv_4bit_cpu` with the weight as :func:`weight_args` (``n`` output features) and
+    ``bias`` already a contiguous float32 tensor or ``None``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if library().lf_gemv4(x2.data_ptr(), x2.shape[0], x2.stride(0), n, k, *args, _ptr(bias), y.data_ptr()) != 0:
         raise MemoryError("the 4-bit CPU kernel could not allocate its scratch buffer")
-    return y.view(*x.shape[:-1], N)
+    return y.view(*x.shape[:-1], n)
 
 
 def dequantize_4bit_cpu(w: Packed4bit, out: torch.Tensor) -> torch.Tensor:
     """Write the float32 weight (the reference's bits) into ``out`` (contiguous, float32, CPU)."""
-    w.check()
+    args = weight_args(w)
     if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != w.numel or out.device.type != "cpu":
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.numel} values")
-    library().lf_dequant4(w.numel, *_weight_args(w), _ptr(out))
+    library().lf_dequant4(w.numel, *args, _ptr(out))
     return out

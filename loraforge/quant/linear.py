@@ -62,14 +62,13 @@ class _DequantizedMatmul(torch.autograd.Function):
 
 def _fused_decode(layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """The fused CPU product for decode shapes, or ``None`` where it does not apply."""
-    if layer.qtype.storage_bits != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < math.prod(x.shape[:-1]) <= cpu_gemv.MAX_ROWS
+            or (x.requires_grad and torch.is_grad_enabled()) or cpu_gemv.library() is None):
         return None
-    if x.requires_grad and torch.is_grad_enabled():
+    args = layer._kernel_args()
+    if args is None:
         return None
-    w = packed_from_layer(layer)
-    if w is None or not cpu_gemv.supports(x, w):
-        return None
-    return cpu_gemv.gemv_4bit_cpu(x, w, bias)
+    return cpu_gemv.gemv_with_args(x, args, layer.out_features, None if bias is None else bias.contiguous())
 
 
 class QuantLinear(nn.Module):
@@ -240,6 +239,17 @@ class QuantLinear(nn.Module):
             return dequantize_packed_4bit(self.qweight, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
         codes = unpack_codes(self.qweight, math.prod(shape), self.qtype.storage_bits)
         return dequantize_blockwise(codes, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
+
+    def _kernel_args(self) -> tuple | None:
+        """The fused CPU kernel's arguments (None: not a 16-code 4-bit CPU layer), kept between
+        calls and rebuilt whenever a buffer is replaced or moved (their addresses are the key)."""
+        key = tuple(t.data_ptr() for t in self._buffers.values() if t is not None)
+        cached = self.__dict__.get("_cpu_args")
+        if cached is None or cached[0] != key:
+            w = packed_from_layer(self)
+            ok = w is not None and w.packed.device.type == "cpu" and len(w.shape) == 2
+            cached = self.__dict__["_cpu_args"] = (key, cpu_gemv.weight_args(w) if ok else None)
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)

@@ -30,7 +30,7 @@ typedef struct {
     const uint8_t *qabsmax;     /* uint8 scale codes (double quantization), or NULL */
     const float *nested;        /* one float32 per 256 scales */
     const float *map8;          /* 256-value dynamic map */
-    float offset;
+    const float *offset;        /* the scales' mean (double quantization) */
     const float *code;          /* 16 values */
     int64_t blocksize;
     int shift;                  /* log2(blocksize): block sizes are powers of two */
@@ -45,7 +45,7 @@ static int log2i(int64_t v) {
 static inline float block_scale(const weight4 *w, int64_t b) {
     if (w->qabsmax) {
         float s = w->map8[w->qabsmax[b]] * w->nested[b >> 8];
-        return s + w->offset;
+        return s + *w->offset;
     }
     return w->absmax[b];
 }
@@ -153,7 +153,7 @@ static inline __attribute__((always_inline)) void row_vec(const weight4 *w, cons
 /* y [M, N] (row stride N) = x [M, K] (row stride ldx) @ W^T (+ bias); returns 0, or -1 when out of memory */
 int lf_gemv4(const float *x, int64_t M, int64_t ldx, int64_t N, int64_t K,
              const uint8_t *packed, const float *absmax, const uint8_t *qabsmax, const float *nested,
-             const float *map8, float offset, const float *code, int64_t blocksize,
+             const float *map8, const float *offset, const float *code, int64_t blocksize,
              const float *bias, float *y) {
     weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize)};
 #if defined(__AVX2__)
@@ -191,7 +191,7 @@ int lf_gemv4(const float *x, int64_t M, int64_t ldx, int64_t N, int64_t K,
 
 /* out [numel] float32 = the dequantized weight (element order as stored) */
 void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
-                 const float *nested, const float *map8, float offset, const float *code, int64_t blocksize,
+                 const float *nested, const float *map8, const float *offset, const float *code, int64_t blocksize,
                  float *out) {
     weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize)};
     int64_t nblocks = (numel + blocksize - 1) >> w.shift;
