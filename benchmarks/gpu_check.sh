@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/gpu_check.sh            # PYTHON=... to choose the interpreter
 #
-# Steps, each with its own time limit (30 + 45 + 60 + 90 + 3 x 35 + 2 x 60 = 450 s at most):
+# Steps, each with its own time limit (60 + 45 + 60 + 75 + 3 x 35 + 2 x 60 = 465 s at most):
 #   1. environment: GPU, driver, torch / triton / transformers / peft / bitsandbytes versions
 #   2. the CUDA cases of the kernel and optimizer tests (pytest -k cuda: the paged optimizers; the
 #      kernel tests run Triton's interpreter on CPU, so their CUDA cases are step 3)
@@ -52,7 +52,7 @@ step() {
 
 has_cuda=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-step environment 30 "tail -n 3" -- "$PYTHON" - <<'EOF'
+step environment 60 "tail -n 3" -- "$PYTHON" - <<'EOF'
 import importlib, subprocess, torch
 for mod in ("torch", "triton", "transformers", "peft", "bitsandbytes", "unsloth"):
     try:
@@ -74,7 +74,7 @@ if [ "$has_cuda" = 1 ]; then
       tests/test_kernels_cross_entropy.py tests/test_kernels_lora.py tests/test_optim_paged.py \
       tests/test_optim_adamw8bit.py -rs
   step "CUDA parity" 60 "grep -E 'FAIL|CUDA cases pass' | tail -n 6" -- "$PYTHON" benchmarks/gpu_parity.py
-  step "kernel micro" 90 "grep -E '^\| (4096 x 4096|14336 x 4096) \| (1 \||[0-9.]+ \()' | head -n 3" -- \
+  step "kernel micro" 75 "grep -E '^\| (4096 x 4096|14336 x 4096) \| (1 \||[0-9.]+ \()' | head -n 3" -- \
     "$PYTHON" benchmarks/kernel_micro.py
   if [ -f "$PEER_DIR/peer_arms.py" ]; then
     # one process per arm and shape, each with its own limit: a slow arm cannot hide the others.
