@@ -91,7 +91,7 @@ def run_hf_trainer(data: Path, out: Path) -> dict:
     rows = [r for r in rows if any(t != -100 for t in r["labels"])]
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=HYPER["batch_size"],
                              learning_rate=HYPER["lr"], num_train_epochs=1, lr_scheduler_type="constant",
-                             logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                              remove_unused_columns=False, dataloader_num_workers=0, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
