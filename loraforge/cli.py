@@ -1,7 +1,8 @@
 """The ``loraforge`` command: parses arguments, calls the package, maps errors to exit codes.
 
-Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it),
-1 anything else. Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
+Exit status: 0 success, 2 bad input (one clear message, no traceback; ``--debug`` shows it;
+under torchrun printed by rank 0 only), 1 anything else (a failed rank of a multi-process run:
+one line naming it). Each sub-command lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported lazily so ``loraforge --help`` stays fast.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from loraforge.errors import UserError
+from loraforge.errors import RunFailed, UserError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,7 +23,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),
     "eval": ("loraforge.infer.eval_command", "perplexity or accuracy of a model (and adapter); --compare"),
+    "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
+
+
+def version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("loraforge")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraforge", description="Fine-tune LLMs cheaply: LoRA family on 4-bit bases."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"loraforge {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # positional items after an option (``train run.yaml --dry-run train.lr=1e-4``) belong to them
+    if extra and isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+        args.items += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -49,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if getattr(args, "debug", False):
             raise
-        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees it: say it once
+            print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"loraforge {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"loraforge {args.command}: interrupted", file=sys.stderr)
         return 130

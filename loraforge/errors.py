@@ -21,6 +21,11 @@ class UserError(Exception):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class RunFailed(Exception):
+    """A run that failed for a reason already reported (e.g. one rank of a multi-process run
+    died; its own output says why). The CLI prints the one-line summary and exits 1."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean "x"?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

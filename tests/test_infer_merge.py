@@ -134,3 +134,66 @@ def test_nf4_output_reports_drift_and_keeps_untouched_codes(tmp_path, capsys):
     key = "model.layers.0.self_attn.v_proj.weight"  # not adapted: its 4-bit codes are kept as they were
     assert torch.equal(old[key], new[key]) and torch.equal(old[key + ".absmax"], new[key + ".absmax"])
     assert not torch.equal(old["model.layers.0.self_attn.q_proj.weight"], new["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _qlora_run(tmp_path, tok):
+    """(full-precision base folder, run folder): two real ``loraforge train`` steps of LoRA on
+    the base quantized to NF4, as a QLoRA run trains."""
+    base = _base_folder(tmp_path, tok, False)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                      {"role": "assistant", "content": f"{w} {w}"}]}) + "\n"
+                            for w in ("hello", "world", "paris", "france")))
+    run = tmp_path / "run"
+    cfg = tmp_path / "qlora.yaml"
+    cfg.write_text(f"model: {base}\nquantization: {{type: nf4, blocksize: 64, double_quant: true}}\n"
+                   f"adapter: {{r: 4, alpha: 8}}\ndata: {{train: {data}, format: messages}}\n"
+                   "train: {steps: 2, batch_size: 2, lr: 0.05, eval_every: 0, gradient_checkpointing: false}\n"
+                   f"output_dir: {run}\n")
+    assert main(["train", str(cfg)]) == 0
+    return base, run
+
+
+def test_qlora_run_merges_into_the_trained_4bit_model_by_default(tmp_path, capsys):
+    """Default: the merged model computes what the trained (NF4 base + adapter) model computed;
+    ``--into original`` gives the full-precision base + adapter instead, and the two differ."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.adapters import load_adapter
+    from loraforge.models import load_model
+
+    tok = bpe_tokenizer()
+    base, run = _qlora_run(tmp_path, tok)
+    ids = _ids(tok)
+    quantized, _ = load_model(base, quantize="nf4", blocksize=64, double_quant=True, compute_dtype=torch.float32)
+    trained = load_adapter(quantized, run)
+    want_trained = logits(trained, ids)
+    with trained.disable_adapter():
+        assert (logits(trained, ids) - want_trained).abs().max() > 1e-3  # the adapter learned something
+    want_original = logits(load_adapter(load_model(base, compute_dtype=torch.float32)[0], run), ids)
+    assert (want_trained - want_original).abs().max() > 1e-2  # the choice of base matters
+    capsys.readouterr()
+
+    assert main(["merge", str(base), "--adapter", str(run), "--out", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    assert "quantized to nf4 (block 64, double quant) and dequantized, as in training" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, ids), want_trained, rtol=0, atol=1e-5)
+
+    assert main(["merge", str(base), "--adapter", str(run), "--out", str(tmp_path / "o"), "--dtype", "fp32",
+                 "--into", "original"]) == 0
+    assert "into the full-precision weights of" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, ids), want_original, rtol=0, atol=1e-5)
+
+
+def test_into_original_needs_full_precision_weights_and_a_known_target(tmp_path, capsys):
+    tok = bpe_tokenizer()
+    base = _base_folder(tmp_path, tok, True)
+    _unmerged(base, "lora", tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["merge", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--into", "original"]) == 2
+    assert "is a 4-bit checkpoint" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--into", "orignal"]) == 2
+    assert 'did you mean "original"?' in capsys.readouterr().err and not out.exists()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraforge.train.demo import DEMO_DIR, heldout_rows, run_demo, score
+from loraforge.train.demo import DEMO_DIR, demo_config, heldout_rows, run_demo, score
 
 SHORT = ["train.steps=14", "train.lr=2e-3", "train.warmup_steps=1", "data.max_length=96"]
 
@@ -26,7 +26,7 @@ def test_shortened_demo_beats_the_base_model(tmp_path, smollm2_gguf):
     from rich.console import Console
 
     console = Console(record=True, width=120)
-    assert run_demo(SHORT + [f"output_dir={tmp_path / 'demo'}"], console=console) == 0
+    assert run_demo(demo_config(SHORT + [f"output_dir={tmp_path / 'demo'}"]), console=console) == 0
     text = console.export_text()
     before = int(text.split("before training (base model): ")[1].split("/")[0])
     after = int(text.split("after training: ")[1].split("/")[0])

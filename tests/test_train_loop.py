@@ -3,6 +3,7 @@ atomic checkpoints, and bad input failing before anything is written."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -133,14 +134,15 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_llama, 
 
     def crash(obj, f, *a, **k):
         f.write(b"half a file")
-        raise OSError("disk full / killed mid-save")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"step-000002: the disk is full .*step-000001 is intact"):
         checkpoint.save_checkpoint(tmp_path, position=checkpoint.Position(2, 0, 8), **kw)
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
 
     assert checkpoint.list_checkpoints(tmp_path) == [first]
+    assert not list(checkpoint.checkpoint_dir(tmp_path).glob(".tmp-*"))  # nothing half-written left
     assert checkpoint.latest_checkpoint(tmp_path) == first
     position = checkpoint.load_checkpoint(first, adapter_model=model, optimizer=opt, scheduler=sched)
     assert position == checkpoint.Position(1, 0, 4)

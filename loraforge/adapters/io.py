@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from loraforge.adapters.base import AdapterConfig, method_of_peft_type
 from loraforge.adapters.inject import ModulesToSave, condense_target_names
 from loraforge.errors import UserError
+from loraforge.files import apply_umask, save_tensors
 
 if TYPE_CHECKING:
     from loraforge.adapters.model import AdapterModel
@@ -73,12 +73,17 @@ def peft_config_dict(adapter_model: AdapterModel, name: str) -> dict[str, Any]:
     return dict(sorted(data.items()))
 
 
-def save_adapter(adapter_model: AdapterModel, name: str, directory: str | Path) -> None:
+def save_adapter(adapter_model: AdapterModel, name: str, directory: str | Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter ``name`` in PEFT's format; ``tensors``: its PEFT-keyed tensors when the
+    caller has them already (e.g. gathered whole from FSDP shards), else read from the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(adapter_model, name).items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors = adapter_tensors(adapter_model, name) if tensors is None else tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_tensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config_dict(adapter_model, name), indent=2) + "\n")
+    apply_umask(directory / CONFIG_NAME)
 
 
 def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], str]:
@@ -90,22 +95,40 @@ def read_adapter(directory: str | Path) -> tuple[AdapterConfig, dict[str, torch.
     if not config_path.is_file():
         raise UserError(f"no {CONFIG_NAME} in the adapter folder", where=str(directory))
     try:
-        data = json.loads(config_path.read_text())
+        data = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"invalid JSON: {err.msg}", where=f"{config_path}:{err.lineno}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise UserError(f"cannot read the adapter config ({err}); expected a JSON file", where=str(config_path)) from None
     if not isinstance(data, dict) or "peft_type" not in data:
         raise UserError("expected a JSON object with a 'peft_type' key", where=str(config_path))
     method = method_of_peft_type(str(data["peft_type"]), str(config_path))
     config = method.config_cls.from_peft(data, str(config_path))
     weights = directory / WEIGHTS_NAME
     if weights.is_file():
-        tensors = load_file(str(weights))
+        from loraforge.models.validate import load_safetensors
+
+        tensors = load_safetensors(weights)
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         weights = directory / LEGACY_WEIGHTS_NAME
-        tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        tensors = _load_legacy(weights)
     else:
         raise UserError(f"no {WEIGHTS_NAME} in the adapter folder", where=str(directory))
     return config, tensors, str(weights)
+
+
+def _load_legacy(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.bin`` (tensors only: ``weights_only``)."""
+    import pickle
+
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"truncated or corrupt PyTorch weights file ({str(err).splitlines()[0]}); expected a "
+                        "complete adapter_model.bin of tensors (re-save it)", where=str(path)) from None
+    if not isinstance(tensors, dict):
+        raise UserError("expected a dict of tensors", where=str(path))
+    return tensors
 
 
 @torch.no_grad()

@@ -217,9 +217,18 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
                  is_trainable: bool = False) -> AdapterModel:
     """Load an adapter folder (ours or PEFT's). On a plain model the adapter is activated; on an
     AdapterModel it is added beside the others (activate it with ``set_adapter``)."""
-    from loraforge.adapters.io import load_tensors, read_adapter
+    from loraforge.adapters.io import read_adapter
 
-    config, tensors, where = read_adapter(directory)
+    return attach_read_adapter(model, read_adapter(directory), name, is_trainable)
+
+
+def attach_read_adapter(model: nn.Module, contents: tuple, name: str = "default",
+                        is_trainable: bool = False) -> AdapterModel:
+    """:func:`load_adapter` from ``contents = read_adapter(directory)`` (read before the model
+    loads, so that a broken adapter file fails fast)."""
+    from loraforge.adapters.io import load_tensors
+
+    config, tensors, where = contents
     fresh = not isinstance(model, AdapterModel)
     adapter_model = AdapterModel(model) if fresh else model
     adapter_model.add_adapter(name, config, trainable=is_trainable)

@@ -84,7 +84,7 @@ def build_dataset(records_or_path: str | Path | Sequence[dict], tokenizer, *, fo
     stats = DataStats(source, fmt, format == "auto", tmpl.name if tmpl else "none", max_length)
     prefix = special_prefix(tokenizer) if tmpl is None else ()
     examples: list[dict] = []
-    for i, row in enumerate(records):
+    for i, row in enumerate(_track(records, source)):
         where = location(row, source, i)
         stats.rows_read += 1
         if fmt in CHAT_FORMATS:
@@ -122,6 +122,22 @@ def build_dataset(records_or_path: str | Path | Sequence[dict], tokenizer, *, fo
     stats.examples = len(examples)
     _check_enough(stats)
     return examples, stats
+
+
+def _track(records: list, source: str):
+    """The rows, behind a progress bar on a terminal when there are many (quiet otherwise)."""
+    import sys
+
+    if len(records) < PROGRESS_ROWS or not sys.stderr.isatty():
+        return records
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(records, description=f"tokenizing {Path(source).name}", total=len(records),
+                 console=Console(file=sys.stderr), transient=True)
+
+
+PROGRESS_ROWS = 2000  # fewer rows tokenize in about a second: no bar
 
 
 def _chunks(ids: list[int], labels: list[int], size: int) -> list[tuple[list[int], list[int]]]:

@@ -95,7 +95,28 @@ def _format_of_keys(row: dict) -> str | None:
 def to_conversation(row: dict, fmt: str, where: str) -> list[Message]:
     """The messages of one row of a chat format."""
     check_choice(fmt, CHAT_FORMATS, "chat format", where)
+    check_not_feedback(row, where)
     return _CONVERTERS[fmt](row, where)
+
+
+# Keys that turn a chat row into feedback data, not supervised fine-tuning data: training on the
+# row as SFT would silently teach the rejected (or thumbs-down) answers too.
+PREFERENCE_KEYS = ("chosen", "rejected")  # DPO / ORPO pairs (TRL, LLaMA-Factory ranking data)
+KTO_KEYS = ("label", "kto_tag")  # KTO: one answer with a desirable / undesirable flag
+
+
+def check_not_feedback(row: dict, where: str) -> None:
+    """Refuse preference and KTO rows, which change what the conversation means."""
+    preference = [k for k in PREFERENCE_KEYS if k in row]
+    if preference:
+        raise UserError(f"this row has {' and '.join(repr(k) for k in preference)}: it is preference (DPO-style) "
+                        "data, not supervised fine-tuning data; training on it would learn the rejected answers "
+                        "too. loraforge trains SFT only: keep the chosen conversation as 'messages'", where=where)
+    kto = [k for k in KTO_KEYS if k in row]
+    if kto:
+        raise UserError(f"this row has a {kto[0]!r} field: it is KTO-style feedback data (answers marked desirable "
+                        "or not), not supervised fine-tuning data; training on it would learn the undesirable "
+                        "answers too. Keep only the desirable rows, without the field", where=where)
 
 
 def to_segments(row: dict, fmt: str, where: str) -> list[Segment]:

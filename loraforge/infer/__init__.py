@@ -4,7 +4,8 @@
     prompts.py       prompt text -> token ids (the training chat template, or raw text); stop tokens
     generate.py      batched generation (left padding, KV cache, greedy or sampling); JSONL in/out
     chat.py          a terminal chat with history and streamed tokens
-    merge.py         fold an adapter into a dense copy of the base; write safetensors / nf4 folders
+    terminal.py      Ctrl-C stops a reply; no echo of keys typed while it streams
+    merge.py         fold an adapter into a dense copy of the base it was trained on; write safetensors / nf4
     export_gguf.py   write a llama.cpp GGUF file (f32 / f16 / bf16 / q8_0) from a dense Llama
     evaluate.py      perplexity (strided windows on text, or a data set's responses) and accuracy
     *_command.py     the ``generate``, ``chat``, ``merge`` and ``eval`` CLI commands

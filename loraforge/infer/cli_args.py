@@ -22,7 +22,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"most tokens to generate per reply (default {max_new_tokens})")
+                        help=f"most tokens to generate per reply (default {max_new_tokens}); a prompt too long to "
+                             "leave them room in the model's context (at most half of it) is cut from the left, "
+                             "with a note")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0 = off)")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (default 0 = off)")
@@ -46,3 +48,9 @@ def stderr_console():
     from rich.console import Console
 
     return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def print_note(notice: str | None) -> None:
+    """A one-line note on stderr (nothing for None)."""
+    if notice:
+        stderr_console().print(f"note: {notice}", markup=False)

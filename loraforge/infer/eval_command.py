@@ -4,9 +4,11 @@
   evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
   rendered with the training template.
 - ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
-  ``contains``.
+  ``contains``. A prompt too long for the model's context is cut from the left (with a note).
 - ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
   in the same run and prints them side by side.
+
+Each pass shows a progress bar (windows, examples or prompts) when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from loraforge.errors import UserError
-from loraforge.infer.cli_args import add_model_arguments, load_session, stderr_console
+from loraforge.infer.cli_args import add_model_arguments, load_session, print_note, stderr_console
+from loraforge.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", choices=("perplexity", "accuracy"), default="perplexity")
     parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
     parser.add_argument("--window", type=int, default=None, metavar="N",
-                        help="tokens per window / longest example (default min(1024, model context))")
+                        help="tokens per window / longest example (default min(1024, model context); at most the context)")
     parser.add_argument("--stride", type=int, default=None, metavar="N", help="window step for .txt (default window/2)")
     parser.add_argument("--match", choices=("exact", "contains"), default="exact",
                         help="accuracy: output equals the answer (stripped), or contains it")
@@ -42,40 +45,47 @@ def run(args: argparse.Namespace) -> int:
     if args.metric == "accuracy" and data.suffix.lower() == ".txt":
         raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
     session = load_session(args)
-    measure = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
+    measure, total, unit = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
     results: dict[str, str] = {}
     if args.compare:
-        with session.adapter.disable_adapter():
-            results["base"] = measure()
-    results["adapter" if args.adapter else "model"] = measure()
+        with session.adapter.disable_adapter(), progress("base", total, unit=unit) as advance:
+            results["base"] = measure(advance)
+    name = "adapter" if args.adapter else "model"
+    with progress(name, total, unit=unit) as advance:
+        results[name] = measure(advance)
     _print_table(args, results)
     return 0
 
 
 def _perplexity(args, session):
+    """(measure(advance) -> the value as text, steps per pass, their unit) for perplexity."""
     from loraforge.infer.evaluate import (
         perplexity_responses,
         perplexity_text,
         text_token_ids,
+        windows,
     )
-    from loraforge.infer.prompts import pad_token_id
+    from loraforge.infer.prompts import context_length, pad_token_id
 
-    context = getattr(session.model.config, "max_position_embeddings", None) or 1024
+    context = context_length(session.model) or 1024
     window = args.window or min(1024, context)
-    if window < 2:
-        raise UserError(f"expected a window of at least 2 tokens, got {window}", where="--window")
+    if not 2 <= window <= context:
+        raise UserError(f"expected a window of 2 to {context:,} tokens (the model's context), got {window:,}",
+                        where="--window")
     if Path(args.data).suffix.lower() == ".txt":
         stride = args.stride or max(window // 2, 1)
         ids = text_token_ids(Path(args.data).read_text(encoding="utf-8"), session.tokenizer)
         stderr_console().print(f"[dim]{len(ids):,} tokens, window {window}, stride {stride}[/dim]")
-        return lambda: _ppl(perplexity_text(session.model, ids, window, stride))
+        n_windows = len(windows(len(ids), window, stride))
+        return lambda advance: _ppl(perplexity_text(session.model, ids, window, stride, advance)), n_windows, "windows"
     from loraforge.data import build_dataset
 
     template = args.template or session.trained_template or "auto"
     examples, stats = build_dataset(args.data, session.tokenizer, template=template, max_length=window)
     stderr_console().print(f"[dim]{stats.summary()}[/dim]")
     pad = pad_token_id(session.tokenizer)
-    return lambda: _ppl(perplexity_responses(session.model, examples, pad, args.batch_size))
+    return (lambda advance: _ppl(perplexity_responses(session.model, examples, pad, args.batch_size, advance)),
+            len(examples), "examples")
 
 
 def _ppl(result) -> str:
@@ -83,10 +93,13 @@ def _ppl(result) -> str:
 
 
 def _accuracy(args, session):
+    """(measure(advance) -> the value as text, steps per pass, their unit) for accuracy."""
     from loraforge.infer.evaluate import accuracy, read_qa_rows
     from loraforge.infer.generate import GenerationSettings, generate
     from loraforge.infer.prompts import (
+        context_length,
         encode_text,
+        fit_context,
         pad_token_id,
         resolve_template,
         stop_token_ids,
@@ -95,18 +108,20 @@ def _accuracy(args, session):
     rows = read_qa_rows(args.data)
     tokenizer = session.tokenizer
     template = None if args.raw else resolve_template(tokenizer, args.template, session.trained_template)
-    prompts = [encode_text(row["prompt"], tokenizer, template) for row in rows]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    prompts, notice = fit_context([encode_text(row["prompt"], tokenizer, template) for row in rows],
+                                  context_length(session.model), settings.max_new_tokens)
+    print_note(notice)
     stops = stop_token_ids(tokenizer, session.model, chat=template is not None)
 
-    def measure() -> str:
+    def measure(advance) -> str:
         outs = generate(session.model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad_token_id(tokenizer),
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, on_batch=lambda done, tokens: advance(done))
         texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
         correct, total = accuracy(texts, [row["answer"] for row in rows], args.match)
         return f"{correct / total:.2%} ({correct}/{total})"
 
-    return measure
+    return measure, len(prompts), "prompts"
 
 
 def _print_table(args, results: dict[str, str]) -> None:

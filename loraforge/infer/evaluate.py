@@ -21,7 +21,7 @@ stripped of surrounding whitespace) or when the answer is ``contained`` in the o
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +67,10 @@ def _device(model):
 
 
 @torch.no_grad()
-def perplexity_text(model, ids: Sequence[int], window: int, stride: int) -> Perplexity:
-    """Strided-window perplexity of one token stream (see module docstring)."""
+def perplexity_text(model, ids: Sequence[int], window: int, stride: int,
+                    on_window: Callable[[int], None] | None = None) -> Perplexity:
+    """Strided-window perplexity of one token stream (see module docstring); ``on_window(1)``
+    after each window (progress)."""
     if len(ids) < 2:
         raise UserError("the text has fewer than 2 tokens; nothing to score")
     device = _device(model)
@@ -81,12 +83,16 @@ def perplexity_text(model, ids: Sequence[int], window: int, stride: int) -> Perp
         target = tokens[first:end]
         nll += F.cross_entropy(pred, target, reduction="sum").item()
         count += end - first
+        if on_window is not None:
+            on_window(1)
     return Perplexity(nll, count)
 
 
 @torch.no_grad()
-def perplexity_responses(model, examples: Sequence[dict], pad_id: int, batch_size: int = 8) -> Perplexity:
-    """Perplexity of the trained tokens (labels != -100) of tokenized examples."""
+def perplexity_responses(model, examples: Sequence[dict], pad_id: int, batch_size: int = 8,
+                         on_batch: Callable[[int], None] | None = None) -> Perplexity:
+    """Perplexity of the trained tokens (labels != -100) of tokenized examples;
+    ``on_batch(examples in it)`` after each batch (progress)."""
     from loraforge.data import collate
 
     device = _device(model)
@@ -99,6 +105,8 @@ def perplexity_responses(model, examples: Sequence[dict], pad_id: int, batch_siz
         pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
         nll += F.cross_entropy(pred, target, ignore_index=-100, reduction="sum").item()
         count += int((target != -100).sum())
+        if on_batch is not None:
+            on_batch(len(batch["input_ids"]))
     return Perplexity(nll, count)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import UserError
+from loraforge.files import apply_umask
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DTYPE_TO_GGUF = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
@@ -181,6 +182,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, gguf_type: str = "
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import UserError
+from loraforge.files import apply_umask
 
 
 @dataclass
@@ -101,15 +102,30 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], settings: GenerationSettings, *, stop_ids: Sequence[int],
-                 pad_id: int, streamer=None) -> list[list[int]]:
-    """New token ids for each prompt (one batch), stop tokens and padding removed."""
+                 pad_id: int, streamer=None, should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
+    """New token ids for each prompt (one batch), stop tokens and padding removed.
+
+    ``should_stop`` is asked after every token; True ends generation there (Ctrl-C in a chat)."""
     if any(len(p) == 0 for p in prompts):
         raise UserError("a prompt encoded to no tokens; give some text")
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings.hf_config(stop_ids, pad_id),
-                         streamer=streamer)
+                         streamer=streamer, stopping_criteria=_stopping(should_stop))
     return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def _stopping(should_stop: Callable[[], bool] | None):
+    """A transformers ``StoppingCriteriaList`` ending every row once ``should_stop()`` (or None)."""
+    if should_stop is None:
+        return None
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Asked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Asked()])
 
 
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], settings: GenerationSettings, *,
@@ -188,6 +204,7 @@ def write_jsonl(rows: Sequence[dict], out: str | Path | None) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(lines)
+        apply_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2,8 +2,10 @@
 
 One prompt: the reply streams to stdout. A prompts file (JSONL rows with ``prompt``, or
 ``messages`` for a whole conversation; other fields are carried through): batches of
-``--batch-size`` prompts of similar length, left-padded, with a progress bar on stderr; each
-row is written back with its generated ``output`` to ``--out`` (atomically) or to stdout.
+``--batch-size`` prompts of similar length, left-padded, with a progress bar on stderr when it
+is a terminal; each row is written back with its generated ``output`` to ``--out`` (atomically)
+or to stdout. A prompt too long for the model's context is cut from the left, leaving room for
+the reply, with a one-line note on stderr (see prompts.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from loraforge.infer.cli_args import (
     add_model_arguments,
     add_sampling_arguments,
     load_session,
+    print_note,
     settings_from_args,
     stderr_console,
 )
+from loraforge.progress import progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per batch (default 8)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl,
     )
     from loraforge.infer.prompts import (
+        context_length,
         encode_text,
+        fit_context,
         pad_token_id,
         resolve_template,
         stop_token_ids,
@@ -66,17 +72,28 @@ def run(args: argparse.Namespace) -> int:
             import torch
 
             torch.manual_seed(settings.seed)
-        ids = encode_text(args.prompt, tokenizer, template)
+        (ids,), notice = fit_context([encode_text(args.prompt, tokenizer, template)], context_length(model),
+                                     settings.max_new_tokens)
+        print_note(notice)
         write = _stdout_writer()
         generate_ids(model, [ids], settings, stop_ids=stops, pad_id=pad, streamer=stream_writer(tokenizer, write))
         write("\n")
         return 0
 
-    prompts = [encode_row(row, tokenizer, template) for row in rows]
+    prompts, notice = fit_context([encode_row(row, tokenizer, template) for row in rows], context_length(model),
+                                  settings.max_new_tokens)
+    print_note(notice)
     started = time.perf_counter()
-    with _progress(len(prompts), disable=args.no_progress) as advance:
+    with progress("generating", len(prompts), unit="prompts", enabled=not args.no_progress) as advance:
+        tokens = 0
+
+        def on_batch(done: int, new_tokens: int) -> None:
+            nonlocal tokens
+            tokens += new_tokens
+            advance(done, note=f"{tokens:,} tokens")
+
         outputs = generate(model, tokenizer, prompts, settings, stop_ids=stops, pad_id=pad,
-                           batch_size=args.batch_size, on_batch=advance)
+                           batch_size=args.batch_size, on_batch=on_batch)
     seconds = time.perf_counter() - started
     new_tokens = sum(len(o) for o in outputs)
     out_rows = [{**row, "output": tokenizer.decode(o, skip_special_tokens=True)} for row, o in zip(rows, outputs)]
@@ -92,35 +109,3 @@ def _stdout_writer():
         sys.stdout.flush()
 
     return write
-
-
-class _progress:
-    """A rich progress bar over prompts, advanced by ``generate``'s per-batch callback."""
-
-    def __init__(self, total: int, disable: bool):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
-                            TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=stderr_console(), disable=disable, transient=False)
-        self.task = self.bar.add_task("generate", total=total, tokens=0)
-        self.tokens = 0
-
-    def __enter__(self):
-        self.bar.start()
-
-        def advance(prompts: int, tokens: int) -> None:
-            self.tokens += tokens
-            self.bar.update(self.task, advance=prompts, tokens=self.tokens)
-
-        return advance
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()

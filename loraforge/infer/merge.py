@@ -1,5 +1,14 @@
 """Merging an adapter into its base and writing the result (safetensors or bitsandbytes 4-bit).
 
+Which base: by default the model the adapter was trained on (``into="trained"``). A run of
+``loraforge train`` with ``quantization: {type: nf4, ...}`` trained on a 4-bit copy of the base,
+so merging into the full-precision weights would give a model that was never trained (its logits
+differ by the base's quantization error, 0.1-0.3 on SmolLM2). The run's ``config.yaml`` beside
+the adapter says how the base was quantized; the full-precision base is quantized again the same
+way (same code, so the same codes and scales) and merged into. ``into="original"`` merges into
+the full-precision weights as given. A 4-bit source is merged into as it is; with LoftQ the
+trained base is the run's ``base/`` folder, which must be given.
+
 Merging happens in float32 whatever the base: the model is loaded with float32 compute, a 4-bit
 base layer is dequantized (``QuantLinear.dequantize``: code * absmax in float32) and each adapted
 layer becomes a dense ``nn.Linear`` holding the method's merged weight (the adapters registry's
@@ -32,22 +41,84 @@ import torch
 from torch import nn
 
 from loraforge.adapters.model import set_tied
+from loraforge.errors import UserError, check_choice
 
 PROBE_TEXT = ("The capital of France is Paris. Water boils at 100 degrees Celsius at sea level. "
               "def add(a, b): return a + b")
 
 
-def merge_adapter(source: str | Path, adapter: str | Path | None):
-    """(model, tokenizer): ``source`` with the adapter folder merged in, float32 throughout.
+INTO = ("trained", "original")
+
+
+@dataclass
+class MergeTarget:
+    """The weights an adapter is merged into: ``quantization`` (``{type, blocksize,
+    double_quant}``) re-quantizes a full-precision base as training did; None loads it as is."""
+
+    quantization: dict | None
+    description: str  # for the user: which weights, and why
+
+
+def merge_target(source: str | Path, adapter: str | Path, into: str = "trained") -> MergeTarget:
+    """Decide what to merge into (see module docstring) from the source's format and the
+    adapter's training config; cheap, so the command can say it before the slow load."""
+    from loraforge.infer.session import training_config
+    from loraforge.models import detect_format, resolve_model_path
+
+    check_choice(into, INTO, "merge target", where="--into")
+    quantized_source = detect_format(resolve_model_path(source)) in ("bnb-4bit", "kbit")
+    run = training_config(adapter)
+    quant = trained_quantization(run, Path(adapter) / "config.yaml") if run else None
+    if into == "original":
+        if quantized_source:
+            raise UserError("is a 4-bit checkpoint, it holds no full-precision weights to merge into: give the "
+                            "full-precision model, or drop --into original", where=str(source))
+        trained_on = f" (not the {quant['type']} model the adapter was trained on)" if quant else ""
+        return MergeTarget(None, f"the full-precision weights of {source}{trained_on}")
+    if quantized_source:
+        return MergeTarget(None, f"the 4-bit weights of {source} (dequantized)")
+    if run is None:
+        return MergeTarget(None, f"{source} as loaded (no config.yaml beside the adapter says how its base "
+                                 "was quantized in training)")
+    if quant is None:
+        return MergeTarget(None, f"the full-precision weights of {source}, which the adapter was trained on")
+    if (run.get("adapter") or {}).get("init") == "loftq":
+        raise UserError(f"the adapter was trained with LoftQ on the quantized base saved in {Path(adapter) / 'base'}: "
+                        f"merge into that folder (loraforge merge {Path(adapter) / 'base'} --adapter {adapter}), "
+                        "or pass --into original for the full-precision weights", where=str(source))
+    return MergeTarget(quant, f"{source} quantized to {quant['type']} (block {quant['blocksize']}"
+                              f"{', double quant' if quant['double_quant'] else ''}) and dequantized, as in training "
+                              "(--into original: the full-precision weights instead)")
+
+
+def trained_quantization(run: dict, where: Path) -> dict | None:
+    """``quantization`` of a training config (None: trained in full precision), checked."""
+    quant = run.get("quantization")
+    if quant is None:
+        return None
+    expected = {"type": str, "blocksize": int, "double_quant": bool}
+    if not isinstance(quant, dict) or any(not isinstance(quant.get(k), t) for k, t in expected.items()):
+        raise UserError("expected quantization: {type: <name>, blocksize: <int>, double_quant: <bool>} or null",
+                        where=f"{where}: quantization")
+    return {k: quant[k] for k in expected}
+
+
+def merge_adapter(source: str | Path, adapter: str | Path | None, *, into: str = "trained"):
+    """(model, tokenizer): ``source`` with the adapter folder merged in, float32 throughout,
+    into the weights ``merge_target`` picks.
 
     Layers the adapter does not touch stay as loaded (4-bit layers stay 4-bit)."""
-    from loraforge.infer.session import attach_adapter_folder
+    from loraforge.adapters.io import read_adapter
+    from loraforge.infer.session import attach_adapter
     from loraforge.models import load_model
 
-    model, tokenizer = load_model(source, compute_dtype=torch.float32)
     if adapter is None:
-        return model, tokenizer
-    adapter_model = attach_adapter_folder(model, adapter, str(source))
+        return load_model(source, compute_dtype=torch.float32)
+    quant = merge_target(source, adapter, into).quantization or {}
+    contents = read_adapter(adapter)  # a broken adapter file fails before the slow load
+    model, tokenizer = load_model(source, quantize=quant.get("type"), blocksize=quant.get("blocksize", 64),
+                                  double_quant=quant.get("double_quant", True), compute_dtype=torch.float32)
+    adapter_model = attach_adapter(model, contents, adapter, str(source))
     merged = adapter_model.merge_and_unload()
     mark_untied(merged)
     return merged, tokenizer

@@ -1,6 +1,10 @@
 """``loraforge merge MODEL --adapter DIR --out DIR [--dtype bf16|fp16|fp32] [--format safetensors|gguf|nf4]``
 
-Folds the adapter into the base (in float32, a 4-bit base dequantized first) and writes:
+Folds the adapter into the base (in float32, a 4-bit base dequantized first). ``--into trained``
+(default) merges into the model the adapter was trained on: a QLoRA run's full-precision base is
+quantized again exactly as in training (its ``config.yaml`` says how) and dequantized, so the
+merged model computes what the trained one did; ``--into original`` merges into the
+full-precision weights instead. The command prints which one it used. It writes:
 
 - ``safetensors`` (default): a Hugging Face folder for ``AutoModelForCausalLM.from_pretrained``,
   in ``--dtype`` (default bf16);
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="base model: HF folder, .gguf file, bnb-4bit folder or alias")
     parser.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (PEFT format)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (or a .gguf file path with --format gguf)")
+    parser.add_argument("--into", default="trained", metavar="{trained,original}",
+                        help="trained (default): the model the adapter was trained on (a QLoRA run's 4-bit base, "
+                             "dequantized); original: the full-precision weights")
     parser.add_argument("--format", default="safetensors", choices=FORMATS, help="output format (default safetensors)")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="output dtype (default bf16; with --format gguf it picks the GGUF type unless --gguf-type)")
@@ -44,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from loraforge.infer.merge import merge_adapter, save_nf4, save_safetensors
+    from loraforge.infer.merge import merge_adapter, merge_target, save_nf4, save_safetensors
 
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
     out = Path(args.out)
@@ -57,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(out, args.overwrite)  # before the (slow) load
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or "bf16"]
 
-    console.print(f"[dim]loading {args.model} and merging {args.adapter} in float32[/dim]")
-    model, tokenizer = merge_adapter(args.model, args.adapter)
+    target = merge_target(args.model, args.adapter, args.into)
+    console.print(f"merging {args.adapter} into {target.description}, in float32", markup=False)
+    model, tokenizer = merge_adapter(args.model, args.adapter, into=args.into)
     if args.format == "safetensors":
         save_safetensors(model, tokenizer, out, dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         console.print(f"wrote {out} ({args.dtype or 'bf16'} safetensors; load with "

@@ -7,6 +7,12 @@ adds one). Template choice: an explicit ``--template``, else the template record
 adapter's training config, else the tokenizer's own chat template; a tokenizer without one is
 an error rather than a silent guess.
 
+A prompt longer than the model's context (``max_position_embeddings``) leaves room for the reply
+(``max_new_tokens``, but at most half the context) and is cut from the left to fit, with a
+one-line notice (``fit_context``): the end of a prompt, where the question and the assistant
+header are, is what the reply depends on most; the model never sees positions it was not trained
+for.
+
 Generation stops at EOS, at the ids the model's generation config lists as EOS, and, for chat
 prompts, at the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ...).
 """
@@ -74,3 +80,38 @@ def pad_token_id(tokenizer) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def context_length(model) -> int | None:
+    """The model's context (``max_position_embeddings``), None when its config does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """The most prompt tokens a context holds with room for the reply (at least half of it)."""
+    return max(context - max_new_tokens, context // 2, 1)
+
+
+def fit_context(prompts: Sequence[Sequence[int]], context: int | None, max_new_tokens: int,
+                what: str = "prompt") -> tuple[list[list[int]], str | None]:
+    """(prompts, notice): each prompt cut from the left to its last ``prompt_budget`` tokens;
+    ``notice`` says what was cut, or is None."""
+    prompts = [list(p) for p in prompts]
+    if not context:
+        return prompts, None
+    keep = prompt_budget(context, max_new_tokens)
+    cut = [i for i, p in enumerate(prompts) if len(p) > keep]
+    if not cut:
+        return prompts, None
+    longest = max(len(prompts[i]) for i in cut)
+    for i in cut:
+        prompts[i] = prompts[i][-keep:]
+    if len(prompts) == 1:
+        which = f"the {what} ({longest:,} tokens) was"
+    else:
+        numbers = ", ".join(str(i + 1) for i in cut[:10]) + (", ..." if len(cut) > 10 else "")
+        which = (f"{len(cut)} {what}{'s' if len(cut) > 1 else ''} (number {numbers}; "
+                 f"{'up to ' if len(cut) > 1 else ''}{longest:,} tokens) {'were' if len(cut) > 1 else 'was'}")
+    return prompts, (f"{which} cut from the left to the last {keep:,} tokens: the model's context is "
+                     f"{context:,} tokens, {context - keep:,} of them left for the reply")

@@ -28,31 +28,32 @@ class InferenceSession:
 
 def load_for_inference(source: str | Path, adapter: str | Path | None = None, *, quantize: str | None = None,
                        compute_dtype=None, device: str | None = None) -> InferenceSession:
-    """Load ``source`` (quantized on the fly with ``quantize``) and attach the adapter folder."""
+    """Load ``source`` (quantized on the fly with ``quantize``) and attach the adapter folder,
+    read first: a broken adapter file fails before the (slow) model load."""
+    from loraforge.adapters.io import read_adapter
     from loraforge.models import load_model
 
+    contents = read_adapter(adapter) if adapter is not None else None
     model, tokenizer = load_model(source, quantize=quantize, compute_dtype=compute_dtype, device=device)
-    if adapter is None:
+    if contents is None:
         return InferenceSession(model, tokenizer)
-    adapter_model = attach_adapter_folder(model, adapter, str(source))
+    adapter_model = attach_adapter(model, contents, adapter, str(source))
     return InferenceSession(adapter_model, tokenizer, adapter_model, trained_template(adapter))
 
 
-def attach_adapter_folder(model, adapter: str | Path, source: str):
-    """``load_adapter`` with a clearer message when the adapter was made for another base."""
+def attach_adapter(model, contents: tuple, adapter: str | Path, source: str):
+    """Attach ``contents = read_adapter(adapter)``, with a clearer message when the adapter was
+    made for another base."""
     import json
 
-    from loraforge.adapters import load_adapter
+    from loraforge.adapters.model import attach_read_adapter
 
-    folder = Path(adapter)
-    config_file = folder / "adapter_config.json"
-    if not config_file.is_file():
-        return load_adapter(model, folder)  # its own error: folder or config missing
     try:
-        return load_adapter(model, folder)
+        return attach_read_adapter(model, contents)
     except UserError as err:
         try:
-            base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+            base = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+            base = base.get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):
             base = None
         made_for = f" (it names {base!r} as its base)" if base else ""
@@ -60,8 +61,9 @@ def attach_adapter_folder(model, adapter: str | Path, source: str):
                         "load it on the base model it was trained on", where=err.where) from None
 
 
-def trained_template(adapter: str | Path) -> str | None:
-    """``data.template`` from the ``config.yaml`` that ``loraforge train`` writes beside the adapter."""
+def training_config(adapter: str | Path) -> dict | None:
+    """The ``config.yaml`` that ``loraforge train`` writes beside the adapter, as plain data
+    (None when there is none, e.g. an adapter trained with PEFT)."""
     import yaml
 
     file = Path(adapter) / "config.yaml"
@@ -71,6 +73,12 @@ def trained_template(adapter: str | Path) -> str | None:
         config = yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    data = config.get("data") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def trained_template(adapter: str | Path) -> str | None:
+    """``data.template`` of the adapter's training run, if known."""
+    config = training_config(adapter) or {}
+    data = config.get("data")
     template = data.get("template") if isinstance(data, dict) else None
     return template if isinstance(template, str) else None

@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "load_model": "loraforge.models.load",
+    "load_tokenizer_for": "loraforge.models.load",
     "QUANT_TYPES": "loraforge.models.load",
     "load_bnb_checkpoint": "loraforge.models.bnb_checkpoint",
     "save_quantized": "loraforge.models.bnb_checkpoint",

@@ -5,7 +5,8 @@ Cache root: ``$LORAFORGE_CACHE``, else ``$XDG_CACHE_HOME/loraforge``, else ``~/.
 A file's key is the SHA-256 of its whole content (measured: 0.5 s for the 98 MB SmolLM2 GGUF on
 this 2-core machine, about 200 MB/s). So that a warm load does not re-read a multi-GB file, the
 digest is remembered in ``digests.json`` under the cache root, indexed by (resolved path, size,
-mtime in ns, inode): any change to the file changes that index and forces a fresh hash.
+mtime in ns, inode): any change to the file changes that index and forces a fresh hash. Hashing
+a file of 1 GiB or more shows a progress bar when stderr is a terminal.
 
 Directories are written atomically: everything goes to a temporary sibling, which is renamed onto
 the final name only once complete, so a crash or a concurrent reader never sees half a folder.
@@ -23,8 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loraforge.errors import UserError
+from loraforge.progress import progress
+from loraforge.files import apply_umask
 
 _CHUNK = 1 << 20
+_BAR_BYTES = 1 << 30  # hashing a file this large takes seconds: show a bar (on a terminal)
 
 
 def cache_root() -> Path:
@@ -44,9 +48,12 @@ def file_digest(path: Path) -> str:
     if index in memo:
         return memo[index]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    megabytes = -(-st.st_size // _CHUNK)
+    with open(path, "rb") as f, progress(f"hashing {path.name}", megabytes, unit="MiB",
+                                         enabled=st.st_size >= _BAR_BYTES) as advance:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+            advance(1)
     digest = h.hexdigest()
     memo = {k: v for k, v in memo.items() if not k.startswith(f"{path.resolve()}|")}
     memo[index] = digest
@@ -70,6 +77,7 @@ def _write_json_atomic(file: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
+    apply_umask(tmp)
     os.replace(tmp, file)
 
 
@@ -92,11 +100,9 @@ def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        apply_umask(tmp)  # mkdtemp / safetensors make private files; the result is an ordinary folder
         if final.exists() and overwrite:
             old = final.with_name(f".{final.name}.{tmp.name}.old")
             os.replace(final, old)

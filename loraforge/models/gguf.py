@@ -6,7 +6,10 @@ The result is written to ``<cache>/gguf/<sha256 of the file>/`` as an ordinary H
 folder: ``model.safetensors`` (float32, tied tensors stored once, so ``tie_word_embeddings``
 re-ties them on load), ``config.json`` (without the ``gguf`` quantization entry),
 ``generation_config.json``, the fast tokenizer (``tokenizer.json`` + its config + chat template)
-and ``source.json`` (what it was made from). Later loads read that folder: a few seconds.
+and ``source.json`` (what it was made from). Later loads read that folder: a few seconds; an
+entry whose weights fail the safetensors check (a damaged cache) is converted again.
+The conversion shows its steps (tokenizer, tensors, writing) with a live bar when stderr is a
+terminal.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 from loraforge.errors import UserError
 from loraforge.models.cache import atomic_directory, cache_root, file_digest
 from loraforge.models.quiet import quiet_transformers
-from loraforge.models.validate import check_gguf
+from loraforge.models.validate import check_gguf, check_safetensors
+from loraforge.progress import progress
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
 
@@ -33,7 +37,7 @@ def gguf_cache_entry(path: Path) -> Path:
 def cached_gguf_folder(path: Path) -> Path:
     """The cached model folder for the GGUF file ``path``, converting it on first use."""
     entry = gguf_cache_entry(path)
-    if all((entry / name).is_file() for name in _REQUIRED):
+    if _complete(entry):
         return entry
     check_gguf(path)
     try:
@@ -45,7 +49,8 @@ def cached_gguf_folder(path: Path) -> Path:
         raise UserError(
             "the model cache is not writable; set LORAFORGE_CACHE to a writable folder", where=str(entry.parent)
         )
-    print(f"loraforge: converting {path.name} to safetensors (first load only)", file=sys.stderr)
+    again = " again (the cached copy was damaged)" if entry.exists() else " (first load only)"
+    print(f"loraforge: converting {path.name} to safetensors{again}", file=sys.stderr)
     with atomic_directory(entry, overwrite=entry.exists()) as tmp:
         convert_gguf(path, tmp)
         (tmp / "source.json").write_text(
@@ -54,15 +59,37 @@ def cached_gguf_folder(path: Path) -> Path:
     return entry
 
 
+def _complete(entry: Path) -> bool:
+    """The cache entry holds every file and its weights pass the safetensors check (a cache
+    damaged on disk is converted again rather than reported as the user's file)."""
+    if not all((entry / name).is_file() for name in _REQUIRED):
+        return False
+    try:
+        check_safetensors(entry / "model.safetensors")
+    except (UserError, OSError):
+        return False
+    return True
+
+
 def convert_gguf(path: Path, out: Path) -> None:
     """Dequantize the GGUF file ``path`` with transformers and save it as a model folder in ``out``."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_transformers(capture_stderr=True):
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with progress("reading the tokenizer", 3, unit="steps") as advance:
+        with quiet_transformers(capture_stderr=True):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            advance(1, description="dequantizing the tensors")
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        advance(1, description="writing safetensors")
+        _save_folder(model, tokenizer, out)
+        advance(1)
+
+
+def _save_folder(model, tokenizer, out: Path) -> None:
+    """The converted model as a Hugging Face folder (tied tensors stored once)."""
+    from safetensors.torch import save_file
+
     config = copy.deepcopy(model.config)
     del config.quantization_config  # the weights below are plain float32, no longer GGUF
     config.architectures = [type(model).__name__]

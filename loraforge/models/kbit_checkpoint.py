@@ -35,8 +35,7 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
     [out, in], double_quant, compute_dtype); ``L.bias`` and every other tensor as usual (tied
     tensors once). Weight = quant_map[code] * absmax per block, row-major.
     """
-    from safetensors.torch import save_file
-
+    from loraforge.files import save_tensors
     from loraforge.quant.linear import QuantLinear
 
     out = Path(out_dir)
@@ -72,7 +71,7 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+    save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     return out
 
@@ -80,10 +79,10 @@ def save_kbit_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path) -> Pa
 def load_kbit_checkpoint(folder: str | Path):
     """(model, tokenizer) from a :func:`save_kbit_checkpoint` folder, its linears QuantLinear
     (tokenizer None when the folder holds none)."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.models.bnb_checkpoint import _materialize_buffers
+    from loraforge.models.validate import load_safetensors
     from loraforge.quant.double_quant import NestedAbsmax
     from loraforge.quant.linear import QuantLinear
 
@@ -92,7 +91,7 @@ def load_kbit_checkpoint(folder: str | Path):
     if raw.get("quantization_config", {}).get("quant_method") != KBIT_METHOD:
         raise UserError(f"not a loraforge k-bit checkpoint (quantization_config.quant_method != {KBIT_METHOD!r})",
                         where=str(folder / "config.json"))
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_safetensors(folder / "model.safetensors")
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config
     with torch.device("meta"):

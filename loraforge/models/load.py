@@ -18,6 +18,7 @@ rounding, the one most published checkpoints were made with).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ def load_model(
             _check_same_quantization(model, quantize, path)
         if device is not None:
             model.to(device)
+        set_provenance(model, source, path)
         return model.eval(), tokenizer
     if fmt == "gguf":
         from loraforge.models.gguf import cached_gguf_folder
@@ -80,7 +82,43 @@ def load_model(
         from loraforge.quant.replace import quantize_model
 
         quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+    set_provenance(model, source, path)
     return model.eval(), tokenizer
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def set_provenance(model, source: str | Path, path: Path) -> None:
+    """Name the model by what the user passed, never by a private cache folder: the alias, the
+    GGUF file or folder as given, or the hub-style id a folder's config.json carries. It is what
+    an adapter's ``base_model_name_or_path`` records."""
+    name = str(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        recorded = str(read_config_json(path).get("_name_or_path") or "")
+        if HUB_ID.fullmatch(recorded) and not Path(recorded).exists():
+            name = recorded
+    model.name_or_path = name
+    model.config._name_or_path = name
+
+
+def load_tokenizer_for(source: str | Path):
+    """The tokenizer of any model source, without reading its weights (``train --dry-run``):
+    a GGUF file's from its metadata (or the converted folder when cached)."""
+    path = resolve_model_path(source)
+    if detect_format(path) != "gguf":
+        return load_tokenizer(path)
+    from loraforge.models.gguf import gguf_cache_entry
+
+    entry = gguf_cache_entry(path)
+    if (entry / "tokenizer_config.json").is_file():
+        return load_tokenizer(entry)
+    from transformers import AutoTokenizer
+
+    from loraforge.models.quiet import quiet_transformers
+
+    with quiet_transformers(capture_stderr=True):
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def load_hf_folder(folder: Path, dtype: torch.dtype | None):
@@ -89,19 +127,31 @@ def load_hf_folder(folder: Path, dtype: torch.dtype | None):
 
     from loraforge.models.quiet import quiet_transformers
 
+    from safetensors import SafetensorError
+
     config = read_config_json(folder)
     check_architecture(config["model_type"], where=str(folder / "config.json"))
     for file in weight_files(folder):
         check_safetensors(file)
     tokenizer = load_tokenizer(folder)
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto")
+    except SafetensorError as err:  # what the header check cannot see (an unknown dtype, ...)
+        raise UserError(f"cannot read the weights ({err}); expected complete .safetensors files (re-save or "
+                        "re-download them)", where=str(folder)) from None
     return model, tokenizer
 
 
 def weight_files(folder: Path) -> list[Path]:
     """The ``*.safetensors`` files of a model folder (UserError when there are none)."""
     files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        missing = sorted(set(read_shard_index(index).values()) - {f.name for f in files})
+        if missing:
+            raise UserError(f"the shard {missing[0]!r} it lists is missing ({len(missing)} missing in all); "
+                            "expected every shard of the model (re-download it)", where=str(index))
     if files:
         return files
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -113,6 +163,19 @@ def weight_files(folder: Path) -> list[Path]:
     raise UserError(
         "no *.safetensors weights in this folder; expected model.safetensors or its shards", where=str(folder)
     )
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file name) of a ``model.safetensors.index.json``."""
+    import json
+
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise UserError(f"unreadable shard index ({err}); expected JSON with a 'weight_map'", where=str(index)) from None
+    if not isinstance(weight_map, dict):
+        raise UserError("expected JSON with a 'weight_map' object (tensor name -> shard file)", where=str(index))
+    return weight_map
 
 
 def load_tokenizer(folder: Path):

@@ -98,6 +98,20 @@ def check_safetensors(path: Path) -> dict:
     return header
 
 
+def load_safetensors(path: Path) -> dict:
+    """Every tensor of a safetensors file, after :func:`check_safetensors`; what safetensors
+    itself still refuses (a bad dtype, an unreadable file) is a UserError naming the file too."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        check_safetensors(path)
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read this safetensors file ({err}); expected a complete .safetensors file "
+                        "(re-save or re-download it)", where=str(path)) from None
+
+
 def check_gguf(path: Path) -> str:
     """The transformers model_type of a complete, supported GGUF file; UserError otherwise."""
     expected = "expected a complete GGUF file (llama.cpp format)"

@@ -70,6 +70,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             state = optimizer.state.get(p)
             if state:
                 for value in state.values():
+                    if hasattr(value, "to_local"):  # a DTensor (FSDP): this rank's shard
+                        value = value.to_local()
                     if torch.is_tensor(value) and value.data_ptr() not in seen:
                         seen.add(value.data_ptr())
                         total += value.numel() * value.element_size()
@@ -83,5 +85,6 @@ def _projected_bytes(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: d
         return optimizer.state_bytes(p)
     if isinstance(optimizer, torch.optim.Adam):  # AdamW and PagedAdamW too
         moments = 3 if group.get("amsgrad") else 2
-        return moments * p.numel() * p.element_size() + 4
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor (FSDP): this rank's shard
+        return moments * local.numel() * local.element_size() + 4
     return 0

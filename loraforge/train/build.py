@@ -115,6 +115,18 @@ NOT_APPLICABLE = {
 }
 
 
+def adapter_key_applies(method: str, key: str) -> bool:
+    """Whether ``adapter.<key>`` (a shared key or a method's sub-section) is taken by ``method``."""
+    if key in SUBSECTIONS:
+        return key in (method, "loftq")  # adapter.loftq goes with init: loftq, whatever the method
+    if (method, key) in NOT_APPLICABLE:
+        return False
+    registry = _registry()
+    if method not in registry:
+        return True  # validation names the unknown method
+    return key in {f.name for f in dataclasses.fields(registry[method].config_cls)}
+
+
 def attach_adapter(model, config: Config, echo: Callable[[str], None] | None = None):
     """Attach the configured adapter (name ``default``). With ``init: loftq`` the model must be
     full precision: LoftQ quantizes its targets while initialising the adapter, and the other
@@ -145,16 +157,29 @@ def load_base(config: Config, device: str | None):
 
 
 # --------------------------------------------------------------------------- data
+def check_data_file(config: Config, key: str) -> str:
+    """The data file of ``key`` (``data.train`` / ``data.eval``); a missing one is an error naming
+    the key, the path as written and the folder it was looked for in."""
+    from pathlib import Path
+
+    path = getattr(config.data, key.split(".", 1)[1])
+    if not Path(path).is_file():
+        written, folder = config.written_paths.get(key, (path, str(Path.cwd())))
+        what = "is a folder, not a data file" if Path(path).is_dir() else "not found"
+        raise UserError(f"data file {written!r} {what} (looked for in {folder})", where=key)
+    return path
+
+
 def read_records(config: Config) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), eval split off with the seed when ``eval_fraction`` > 0.
     Reading validates the files (format errors name file and line) before anything is written."""
     from loraforge import data
 
     d = config.data
-    train = data.load_records(d.train)
+    train = data.load_records(check_data_file(config, "data.train"))
     evals: list[dict] = []
     if d.eval:
-        evals = data.load_records(d.eval)
+        evals = data.load_records(check_data_file(config, "data.eval"))
     elif d.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.train.seed).shuffle(order)
@@ -168,8 +193,9 @@ def read_records(config: Config) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def tokenize(records: list[dict], tokenizer, config: Config, source: str):
-    """(examples, stats) via the data pipeline; packed into rows of max_length when asked."""
+def tokenize(records: list[dict], tokenizer, config: Config, source: str, *, pack: bool = True):
+    """(examples, stats) via the data pipeline; packed into rows of max_length when
+    ``data.packing`` is on (and ``pack``: the dry run shows the examples before packing)."""
     from loraforge import data
 
     d = config.data
@@ -179,6 +205,12 @@ def tokenize(records: list[dict], tokenizer, config: Config, source: str):
     )
     if not examples:
         raise UserError("no usable examples after tokenization", where=source)
-    if d.packing:
-        examples = data.pack(examples, d.max_length)
+    if d.packing and pack:
+        examples = pack_examples(examples, config)
     return examples, stats
+
+
+def pack_examples(examples: list[dict], config: Config) -> list[dict]:
+    from loraforge import data
+
+    return data.pack(examples, config.data.max_length)

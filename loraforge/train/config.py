@@ -13,7 +13,7 @@ Schema (public names, see ``shared/design/interface.md``)::
     data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
             max_grad_norm, weight_decay, seed, gradient_checkpointing, kernels, eval_every,
-            save_every, keep_last}
+            save_every, keep_last, distributed}   # distributed: ddp | fsdp (torchrun, > 1 process)
     output_dir: runs/demo
     resume: false
     overwrite: false
@@ -134,6 +134,7 @@ class TrainSection:
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
+    distributed: Union[str, None] = None  # ddp | fsdp with several processes (torchrun); None: ddp
 
 
 @dataclass
@@ -147,9 +148,15 @@ class Config:
     resume: bool = False
     overwrite: bool = False  # replace the files of an earlier run in output_dir
     source: Union[str, None] = None  # the YAML file it came from (not a key)
+    # (not a key) path keys -> (the path as written, the folder it was resolved against)
+    written_paths: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-NOT_KEYS = {"source"}
+NOT_KEYS = {"source", "written_paths"}
+# Keys holding paths: relative ones in a config file resolve against the file's folder, relative
+# ones on the command line against the current directory. ``model`` only when that path exists
+# (otherwise it is an alias or a hub-style name).
+PATH_KEYS = ("data.train", "data.eval", "output_dir", "model")
 
 
 def to_dict(config: Any) -> Any:
@@ -172,8 +179,15 @@ def dump_yaml(config: Config) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read ``path`` (None: an empty config), apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                user_file: bool = True) -> Config:
+    """Read ``path`` (None: an empty config), apply ``key=value`` overrides, validate.
+
+    ``user_file=False`` marks the file as defaults the user did not write (the embedded demo's):
+    its adapter keys that do not apply to an ``adapter.method`` chosen on the command line are
+    dropped instead of refused, so ``loraforge train adapter.method=vera`` just works. Keys the
+    user wrote (a file of their own, or an override) that do not apply stay errors.
+    """
     raw: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = None
@@ -182,10 +196,68 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw, lines = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, lines, item)
+    if not user_file:
+        _drop_inapplicable_defaults(raw, lines)
+    written = _resolve_paths(raw, lines, Path(path).resolve().parent if path is not None else None)
     config = _build(Config, raw, "", _Where(source, lines))
     config.source = source
+    config.written_paths = written
     _check_config(config, _Where(source, lines))
     return config
+
+
+def _get(raw: dict[str, Any], dotted: str) -> Any:
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def _resolve_paths(raw: dict[str, Any], lines: dict[str, int], folder: Path | None) -> dict[str, tuple[str, str]]:
+    """Resolve the file's relative path keys against its folder (in place); returns each path key
+    given -> (as written, folder it resolves against) for messages about missing files."""
+    written = {}
+    for key in PATH_KEYS:
+        value = _get(raw, key)
+        if not isinstance(value, str) or not value:
+            continue
+        from_file = folder is not None and lines.get(key, -1) != -1
+        base = folder if from_file else Path.cwd()
+        written[key] = (value, str(base))
+        if not from_file or Path(value).expanduser().is_absolute():
+            continue
+        candidate = folder / value
+        if key != "model" or candidate.exists():
+            _set(raw, key, str(candidate))
+    return written
+
+
+def _drop_inapplicable_defaults(raw: dict[str, Any], lines: dict[str, int]) -> None:
+    """When the user chose ``adapter.method`` on the command line, remove the defaults file's
+    adapter keys that method does not take, and its ``r`` / ``alpha`` (tuned for the file's
+    method: the chosen one gets its own defaults, e.g. VeRA's r = 256)."""
+    adapter = raw.get("adapter")
+    if lines.get("adapter.method") != -1 or not isinstance(adapter, dict):
+        return
+    method = adapter.get("method")
+    if not isinstance(method, str):
+        return
+    from loraforge.train.build import adapter_key_applies
+
+    for key in list(adapter):
+        from_file = lines.get(f"adapter.{key}", -1) != -1
+        if from_file and key != "method" and (key in ("r", "alpha") or not adapter_key_applies(method, key)):
+            del adapter[key]
 
 
 class _Where:
@@ -486,6 +558,18 @@ def _check_config(c: Config, where: _Where) -> None:
         value = t.gradient_checkpointing
         need(value == "auto", "train.gradient_checkpointing",
              f"expected true, false or auto, got {value!r}{did_you_mean(value, ['auto'])}")
+    if t.distributed is not None:
+        from loraforge.train.distributed import FSDP_METHODS, MODES
+
+        choice(t.distributed, MODES, "train.distributed", "distributed mode")
+        need(t.distributed != "fsdp" or a.method in FSDP_METHODS, "train.distributed",
+             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {a.method}'s step between optimizer steps "
+             "reads whole (unsharded) tensors: use train.distributed: ddp")
+        need(t.distributed != "fsdp" or t.optimizer == "adamw", "train.distributed",
+             f"fsdp trains with optimizer adamw; {t.optimizer} is not built for sharded (DTensor) parameters: "
+             "use train.distributed: ddp")
+        need(t.distributed != "fsdp" or a.init != "loftq", "train.distributed",
+             "init: loftq saves the quantized base it made, which fsdp holds in shards: use train.distributed: ddp")
     if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
         need(ad.tinit + ad.tfinal < t.steps, "adapter.adalora.tinit",
              f"tinit ({ad.tinit}) + tfinal ({ad.tfinal}) leave none of the {t.steps} steps for AdaLoRA's "

@@ -29,14 +29,22 @@ DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 HELDOUT = DEMO_DIR / "heldout.jsonl"
 
 
+# Overrides that make a run the user's own rather than the demo: another model or other data.
+NOT_THE_DEMO = ("model", "data.train", "data.eval")
+
+
+def is_demo(overrides: list[str]) -> bool:
+    """``loraforge train`` with no config is the demo unless the overrides name another model or
+    other data: then it is the user's run on the schema's defaults (no identity quiz)."""
+    keys = [item.partition("=")[0].strip() for item in overrides]
+    return not any(k == name or k.startswith(name + ".") for k in keys for name in NOT_THE_DEMO)
+
+
 def demo_config(overrides: list[str] = ()) -> Config:
-    """The demo config with its data paths resolved against the demo folder."""
-    config = load_config(DEMO_CONFIG, overrides)
-    for key in ("train", "eval"):
-        value = getattr(config.data, key)
-        if value and not Path(value).is_absolute():
-            setattr(config.data, key, str(DEMO_DIR / value))
-    return config
+    """The demo config: its data paths resolve against the demo folder, its output folder
+    (``runs/demo``) against the current directory. Its keys are defaults the user did not write,
+    so a method switch on the command line (``adapter.method=vera``) is never blocked by them."""
+    return load_config(DEMO_CONFIG, ["output_dir=runs/demo", *overrides], user_file=False)
 
 
 def heldout_rows(path: Path = HELDOUT) -> list[dict]:
@@ -97,12 +105,13 @@ def show(console: Console, title: str, rows: list[dict], answers: list[str]) -> 
     return sum(ok)
 
 
-def run_demo(overrides: list[str] = (), console: Console | None = None) -> int:
+def run_demo(config: Config | None = None, console: Console | None = None) -> int:
+    """Train ``config`` (default: the demo's own) and quiz the model before and after."""
     from loraforge.train.loop import train
 
     console = console or Console()
     started = time.perf_counter()
-    config = demo_config(overrides)
+    config = config or demo_config()
     rows = heldout_rows()
     template = config.data.template
     scores = {}

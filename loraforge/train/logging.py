@@ -150,6 +150,24 @@ class RunLog:
                     self._tb.add_scalar(key, value, row["step"])
 
 
+class SilentLog:
+    """The log of a rank other than 0: the same calls, nothing printed or written."""
+
+    def banner(self, rows) -> None: ...
+    def note(self, message: str) -> None: ...
+    def step(self, **row) -> None: ...
+    def eval(self, **row) -> None: ...
+    def record(self, row) -> None: ...
+    def close(self) -> None: ...
+    def elapsed(self) -> float:
+        return 0.0
+
+    def __enter__(self) -> "SilentLog":
+        return self
+
+    def __exit__(self, *exc) -> None: ...
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float) and not value.is_integer():
         return f"{value:.4g}"

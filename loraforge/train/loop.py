@@ -1,4 +1,7 @@
-"""The training loop, top to bottom: seed, model, adapter, data, optimizer, steps, checkpoints.
+"""The training recipe, top to bottom: ``setup`` (seed, data, model, adapter, wrapping for the
+processes, optimizer, resume) builds a :class:`Run`; ``fit`` runs its optimizer steps, evaluating
+and checkpointing on schedule; ``save`` writes the adapter and the run's files. One process is
+the world-size-1 case of the same path (:mod:`loraforge.train.distributed`).
 
 Loss (per optimizer step, over its micro-batches b = 1..A and their trained tokens t)::
 
@@ -7,13 +10,17 @@ Loss (per optimizer step, over its micro-batches b = 1..A and their trained toke
 Each micro-batch backpropagates its summed token loss divided by the step's N (counted before the
 first forward), so ``batch_size=8, grad_accum=1`` and ``batch_size=1, grad_accum=8`` produce the
 same gradient and update. Dividing each micro-batch by its own token count (the HF Trainer's old
-behaviour) over-weights short examples under accumulation.
+behaviour) over-weights short examples under accumulation. With W processes N is all-reduced
+over the ranks before the first backward, and each rank backpropagates ``W * sum / N`` (DDP and
+FSDP average gradients over ranks), so W processes with ``batch_size`` compute the update of one
+process with ``batch_size * W`` (:mod:`loraforge.train.batches` gives each rank its slice).
 
 Methods that act between steps (AdaLoRA, SoRA; see :mod:`loraforge.adapters.method_hooks`) are
 driven here, so no user code has to remember them. Per optimizer step t = 1..T::
 
-    backward of every micro-batch (above)
-    backward of the method's extra loss, once per step (AdaLoRA: orth_reg_weight * R)
+    backward of every micro-batch (above); the method's extra loss, once per step (AdaLoRA:
+    orth_reg_weight * R), joins the last micro-batch's loss (one backward, so DDP's single
+    gradient all-reduce per step covers it; every rank adds the same term, the average keeps it)
     clip; optimizer step
     method step with the lr of step t, before zero_grad (AdaLoRA: importance from the gradients,
     budget, masking; SoRA: the proximal soft-threshold of the gates)
@@ -22,14 +29,19 @@ driven here, so no user code has to remember them. Per optimizer step t = 1..T::
 The extra loss is a property of the weights, not of the data, so it enters each step once, with
 its weight, whatever the accumulation: the same total as PEFT under the HF Trainer, where every
 micro-batch's loss carries it and the step averages the micro-batches. The method's state (AdaLoRA's importance averages and mask)
-goes into every checkpoint, so a resumed run continues exactly.
+goes into every checkpoint, so a resumed run continues exactly. Under DDP the method step reads
+the all-reduced gradients, identical on every rank, so AdaLoRA's masks and SoRA's gates stay
+identical across ranks.
+
+Rank 0 alone prints, logs and writes; every rank takes part in the collectives (gradient sync,
+token counts, gathering the adapter for saving). A Ctrl-C on any rank stops all of them at the
+same step boundary (the stop flag is summed over the ranks each step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,25 +56,25 @@ from rich.console import Console
 from loraforge.adapters.method_hooks import TrainingHooks, training_hooks
 from loraforge.errors import UserError
 from loraforge.kernels import apply_kernels
-from loraforge.train import build
+from loraforge.train import build, distributed
 from loraforge.train.batches import StepSampler, total_steps
 from loraforge.train.checkpoint import (
     Position,
     latest_checkpoint,
+    gathered_adapters,
     load_checkpoint,
     save_checkpoint,
 )
 from loraforge.train.config import Config, dump_yaml
-from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, peak_memory_bytes
+from loraforge.train.distributed import World
+from loraforge.train.logging import RunLog, SilentLog, peak_memory_bytes
+from loraforge.train.outputs import check_output_dir, clear_previous_run, create_output_dir
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
 from loraforge.train.checkpointing import decide_checkpointing
-from loraforge.train.summary import banner_rows, finish
+from loraforge.train.summary import banner_rows, finish, world_rows
 
 IGNORE = -100
-# Files a run writes into output_dir (``overwrite: true`` removes exactly these).
-RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base")
 
 
 @dataclass
@@ -76,26 +88,73 @@ class TrainResult:
     interrupted: bool = False
 
 
+@dataclass
+class Run:
+    """Everything a run holds once set up (the recipe's state)."""
+
+    config: Config
+    world: World
+    device: torch.device
+    amp: contextlib.AbstractContextManager
+    model: torch.nn.Module  # the AdapterModel (sharded in place under FSDP)
+    engine: torch.nn.Module  # what forward and backward run through: model, or DDP(model)
+    tokenizer: object
+    train_set: list[dict]
+    eval_set: list[dict]
+    params: list[torch.Tensor]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    hooks: TrainingHooks
+    sampler: StepSampler
+    n_steps: int
+    pad_id: int
+    log: RunLog | SilentLog
+    result: TrainResult
+
+
 def train(config: Config, *, on_start: Callable | None = None, console=None) -> TrainResult:
-    """Run ``config``; ``on_start(adapter_model, tokenizer)`` is called just before step 1."""
-    t = config.train
+    """Run ``config``; ``on_start(adapter_model, tokenizer)`` is called just before step 1.
+
+    Launched by torchrun, this process is one rank of the run; otherwise the only one."""
     console = console or Console()
-    seed_everything(t.seed)
-    output_dir = Path(config.output_dir)
-    check_output_dir(output_dir, config)
+    records = read_inputs(config)  # bad input fails here, alike on every rank, before any collective
+    world = distributed.start(config.train.distributed)
+    try:
+        run = setup(config, world, records, console)
+        if on_start is not None:
+            on_start(run.model, run.tokenizer)
+        try:
+            fit(run)
+        finally:
+            run.log.close()
+        save(run)
+    finally:
+        distributed.stop(world)
+    return run.result
 
-    # Data files first: a malformed row fails before the model loads or anything is written.
-    train_records, eval_records = build.read_records(config)
 
-    device = pick_device()
+# --------------------------------------------------------------------------- setup
+def read_inputs(config: Config) -> tuple[list[dict], list[dict]]:
+    """Check output_dir (another run there, or not writable) and read the data files: a malformed
+    row fails before the model loads or anything is written."""
+    check_output_dir(config)
+    return build.read_records(config)
+
+
+def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], console) -> Run:
+    """Model, adapter, data, optimizer and position, identical on every rank but the data slice."""
+    t = config.train
+    seed_everything(t.seed)  # the same on every rank: the same adapter initialisation
+    device = distributed.device_of(world)
     model, tokenizer = build.load_base(config, device=str(device))
+    train_records, eval_records = records
     train_set, train_stats = build.tokenize(train_records, tokenizer, config, source=str(config.data.train))
     eval_set = []
     if eval_records:
         eval_set, _ = build.tokenize(eval_records, tokenizer, config, source=str(config.data.eval or config.data.train))
 
-    adapter_model = build.attach_adapter(
-        model, config, echo=lambda line: console.print(line, markup=False, highlight=False))
+    echo = (lambda line: console.print(line, markup=False, highlight=False)) if world.is_main else (lambda line: None)
+    adapter_model = build.attach_adapter(model, config, echo=echo)
     if t.kernels:
         apply_kernels(adapter_model)  # fused LoRA blocks, norms and the chunked loss; notices where not
     longest = max((len(e["input_ids"]) for e in train_set), default=0)
@@ -103,31 +162,39 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
                                          t.batch_size * longest, 2 if device.type == "cuda" else 4)
     if checkpointing.on:
         enable_gradient_checkpointing(adapter_model)
-    params = [p for p in adapter_model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in adapter_model.parameters()):
         raise UserError("the adapter has no trainable parameters (check adapter.targets)", where="adapter.targets")
+    engine = distributed.wrap(adapter_model, world)  # before the optimizer: FSDP replaces the parameters
+    params = [p for p in adapter_model.parameters() if p.requires_grad]
     optimizer = build_optimizer(t.optimizer, param_groups(adapter_model, t.weight_decay), lr=t.lr,
                                 weight_decay=t.weight_decay)
-    n_steps = total_steps(len(train_set), t.batch_size, t.grad_accum, t.steps, t.epochs)
+    n_steps = total_steps(len(train_set), t.batch_size, t.grad_accum, t.steps, t.epochs, world.size)
     scheduler = build_scheduler(optimizer, schedule=t.schedule, warmup_steps=t.warmup_steps, total_steps=n_steps)
     hooks = training_hooks(adapter_model, "default", n_steps)
 
+    seed_everything(t.seed + world.rank)  # each rank its own dropout stream from here on
+    output_dir = Path(config.output_dir)
     position = Position(step=0, epoch=0, index=0)
     resume_from = latest_checkpoint(output_dir) if config.resume else None
+    resume_from = world.broadcast_object(resume_from)  # rank 0's view of the folder decides
     if resume_from is not None:
-        position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler,
-                                   hooks=hooks)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
+        position = load_checkpoint(resume_from, adapter_model=adapter_model, optimizer=optimizer,
+                                   scheduler=scheduler, hooks=hooks, world=world)
+    if world.is_main:  # the earlier run's files (overwrite: true) go now, by rank 0 alone
+        clear_previous_run(config)
+        create_output_dir(config)
+        (output_dir / "config.yaml").write_text(dump_yaml(config), encoding="utf-8")
 
-    pad_id = pad_token_id(tokenizer)
-    amp = autocast_context(device)
     sampler = StepSampler(len(train_set), batch_size=t.batch_size, grad_accum=t.grad_accum, seed=t.seed,
-                          position=position)
-    result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
-    log = RunLog(output_dir, total_steps=n_steps, start_step=position.step, console=console)
+                          position=position, world_size=world.size, rank=world.rank)
+    log = (RunLog(output_dir, total_steps=n_steps, start_step=position.step, console=console)
+           if world.is_main else SilentLog())
+    shards = base_shards(world, adapter_model)
     log.banner(banner_rows(config, adapter_model, device, compute_dtype_name(device), train_set, eval_set, n_steps,
-                           optimizer) + [("checkpointing", checkpointing.describe())])
+                           optimizer, world_size=world.size) + world_rows(world, shards)
+               + [("checkpointing", checkpointing.describe())])
+    if shards is not None and resume_from is None:
+        log.record({"step": 0, "base_bytes_per_rank": shards[0], "base_bytes": shards[1]})
     log.note(train_stats.summary())
     if config.adapter.init == "loftq" and resume_from is None:  # LoftQ's errors, as a step-0 row
         report = adapter_model.configs["default"].report
@@ -137,65 +204,98 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
         log.note(f"resumed from {resume_from} (step {position.step}, epoch {position.epoch})")
     elif config.resume:
         log.note(f"resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
-    if on_start is not None:
-        on_start(adapter_model, tokenizer)
-
-    adapter_model.train()
-    try:
-        run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
-                  pad_id, device, amp, log, n_steps, hooks)
-        for line in hooks.finish():
-            log.note(line)
-    finally:
-        log.close()
-    adapter_model.eval()
-    finish(result, config, optimizer, log, device)
-    return result
+    result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
+    return Run(config=config, world=world, device=device, amp=autocast_context(device), model=adapter_model,
+               engine=engine, tokenizer=tokenizer, train_set=train_set, eval_set=eval_set, params=params,
+               optimizer=optimizer, scheduler=scheduler, hooks=hooks, sampler=sampler, n_steps=n_steps,
+               pad_id=pad_token_id(tokenizer), log=log, result=result)
 
 
-def run_steps(config, result, adapter_model, train_set, eval_set, sampler, optimizer, scheduler, params,
-              pad_id, device, amp, log, n_steps, hooks: TrainingHooks) -> None:
+def base_shards(world: World, adapter_model) -> tuple[list[int], int] | None:
+    """Under FSDP: (packed 4-bit base bytes held by each rank, bytes of the whole base)."""
+    if world.mode != "fsdp":
+        return None
+    from loraforge.train.fsdp import base_bytes
+
+    local, total = base_bytes(adapter_model)
+    return world.gather_objects(local), total
+
+
+# --------------------------------------------------------------------------- train
+def fit(run: Run) -> None:
     """The optimizer steps from the sampler's position to ``n_steps``, evaluating and saving on
     schedule; a Ctrl-C is honoured at the next step boundary by saving a checkpoint."""
-    t, output_dir = config.train, result.output_dir
-    save = dict(adapter_model=adapter_model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
-                keep_last=t.keep_last)
+    t, result = run.config.train, run.result
     stop = InterruptFlag()
-    with log, stop:
-        while sampler.position.step < n_steps:
-            start = time.perf_counter()
-            indices = sampler.next_step()
-            step = sampler.position.step
-            micro_batches = [collate([train_set[i] for i in idx], pad_id, device) for idx in indices]
-            seen = sum(len(train_set[i]["input_ids"]) for idx in indices for i in idx)
-            lr = scheduler.get_last_lr()[0]
-            loss, trained = accumulate_gradients(adapter_model, micro_batches, amp)
-            method_logs = {}
-            extra = hooks.extra_loss()  # once per optimizer step, already weighted
-            if extra is not None:
-                extra.backward()
-                method_logs["reg_loss"] = extra.item()
-            grad_norm = clip_gradients(params, t.max_grad_norm)
-            optimizer.step()
-            method_logs.update(hooks.after_optimizer_step(step, lr))  # reads .grad: before zero_grad
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(loss)
-            result.steps = step
-            log.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=seen, trained_tokens=trained,
-                     seconds=time.perf_counter() - start, peak_memory=peak_memory_bytes(device), **method_logs)
-
-            if eval_set and t.eval_every and step % t.eval_every == 0 and step < n_steps:
-                result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, step)
+    run.model.train()
+    with run.log, stop:
+        while run.sampler.position.step < run.n_steps:
+            step = train_step(run)
+            if run.eval_set and t.eval_every and step % t.eval_every == 0 and step < run.n_steps:
+                result.eval_loss = evaluate_run(run, step)
             if t.save_every and step % t.save_every == 0:
-                save_checkpoint(output_dir, position=sampler.position, **save)
-            if stop.requested:
-                path = save_checkpoint(output_dir, position=sampler.position, **save)
-                log.note(f"interrupted: saved {path}; continue with --resume")
+                save_state(run)
+            if run.world.sum([float(stop.requested)])[0] > 0:  # any rank's Ctrl-C stops all
+                path = save_state(run)
+                run.log.note(f"interrupted: saved {path}; continue with --resume")
                 result.interrupted = True
                 raise KeyboardInterrupt
-        if eval_set:
-            result.eval_loss = evaluate(adapter_model, eval_set, t.batch_size, pad_id, device, amp, log, result.steps)
+        if run.eval_set:
+            result.eval_loss = evaluate_run(run, result.steps)
+    for line in run.hooks.finish():
+        run.log.note(line)
+    run.model.eval()
+
+
+def train_step(run: Run) -> int:
+    """One optimizer step on this rank's slice of the global batch; returns its number."""
+    start = time.perf_counter()
+    indices = run.sampler.next_step()
+    step = run.sampler.position.step
+    examples = [[run.train_set[i] for i in idx] or [filler(run.train_set[0])] for idx in indices]
+    micro_batches = [collate(ex, run.pad_id, run.device) for ex in examples]
+    lr = run.scheduler.get_last_lr()[0]
+    method_logs = {}
+    extra = run.hooks.extra_loss()  # once per optimizer step, already weighted
+    if extra is not None:
+        method_logs["reg_loss"] = extra.item()
+    loss, trained = accumulate_gradients(run.engine, micro_batches, run.amp, world=run.world, extra=extra)
+    grad_norm = clip_gradients(run.params, run.config.train.max_grad_norm)
+    run.optimizer.step()
+    method_logs.update(run.hooks.after_optimizer_step(step, lr))  # reads .grad: before zero_grad
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seen = sum(len(run.train_set[i]["input_ids"]) for idx in indices for i in idx)
+    memory = [0.0] * run.world.size
+    memory[run.world.rank] = peak_memory_bytes(run.device)
+    seen, *memory = run.world.sum([seen, *memory])  # one all-reduce: global tokens, each rank's peak
+    run.result.losses.append(loss)
+    run.result.steps = step
+    run.log.step(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=int(seen), trained_tokens=trained,
+                 seconds=time.perf_counter() - start, peak_memory=int(memory[0]), **method_logs)
+    if run.world.size > 1:
+        run.log.record({"step": step, "peak_memory_per_rank": [int(m) for m in memory]})
+    return step
+
+
+def save_state(run: Run) -> Path:
+    return save_checkpoint(run.result.output_dir, adapter_model=run.model, optimizer=run.optimizer,
+                           scheduler=run.scheduler, hooks=run.hooks, position=run.sampler.position,
+                           keep_last=run.config.train.keep_last, world=run.world)
+
+
+def evaluate_run(run: Run, step: int) -> float:
+    return evaluate(run.model, run.eval_set, run.config.train.batch_size, run.pad_id, run.device, run.amp, run.log,
+                    step, world=run.world)
+
+
+# --------------------------------------------------------------------------- save
+def save(run: Run) -> None:
+    """The adapter (gathered whole under FSDP) and, on rank 0, tokenizer, plot and model card."""
+    adapters = gathered_adapters(run.model)  # collective under FSDP
+    if run.world.is_main:
+        finish(run.result, run.config, run.optimizer, run.log, run.device, adapters)
+    run.world.barrier()
 
 
 def param_groups(adapter_model, weight_decay: float) -> list:
@@ -211,25 +311,43 @@ def param_groups(adapter_model, weight_decay: float) -> list:
 
 
 # --------------------------------------------------------------------------- one step
-def accumulate_gradients(model, micro_batches: list[dict], amp) -> tuple[float, int]:
-    """Backward every micro-batch's summed token loss / the step's trained-token count.
-    Returns (mean loss per trained token, trained tokens)."""
-    trained = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+def accumulate_gradients(model, micro_batches: list[dict], amp, *, world: World = World(),
+                         extra: torch.Tensor | None = None) -> tuple[float, int]:
+    """Backward every micro-batch's summed token loss x world size / the global step's
+    trained-token count (summed over the ranks before the first backward); ``extra`` (the
+    method's once-per-step loss) joins the last micro-batch. Returns (mean loss per trained
+    token over the global step, its trained tokens)."""
+    local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    (trained,) = world.sum([local])
+    trained = int(trained)
     if trained == 0:
         return 0.0, 0  # nothing to learn in this step (the data pipeline drops such rows)
     total = 0.0
-    for batch in micro_batches:
-        with amp:
-            summed = token_loss_sum(model, batch)
-        (summed / trained).backward()
+    for k, batch in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with distributed.gradient_sync(model, world, enabled=last):
+            with amp:
+                summed = token_loss_sum(model, batch)
+            loss = summed / (trained / world.size)  # world size 1: summed / trained, as ever
+            if last and extra is not None:
+                loss = loss + extra
+            loss.backward()
         total += summed.item()
+    (total,) = world.sum([total])
     return total / trained, trained
+
+
+def filler(example: dict) -> dict:
+    """A micro-batch for a rank whose slice of a short last step is empty: a real example with
+    every label ignored, so its loss is 0 and its gradient zero, but the pass (and its
+    collectives) happens on every rank."""
+    return {**example, "labels": [IGNORE] * len(example["labels"])}
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Sum of next-token cross-entropies over the labelled positions (labels shifted by one)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    patch = getattr(model, "_loraforge_kernel_patch", None)
+    patch = getattr(getattr(model, "module", model), "_loraforge_kernel_patch", None)  # DDP holds it in .module
     if patch is not None and patch.count("loss"):
         # chunked head + cross-entropy: no full logits, ignored positions skipped; sum over tokens
         return model(**inputs, labels=batch["labels"], num_items_in_batch=1).loss
@@ -248,19 +366,27 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, amp, log: RunLog, step: int) -> float:
-    """Mean loss per trained token over ``examples`` (logged with its perplexity)."""
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, amp, log: RunLog, step: int,
+             *, world: World = World()) -> float:
+    """Mean loss per trained token over ``examples`` (logged with its perplexity). With several
+    ranks batch i runs on rank i mod W (each rank the same number of forwards, with fillers) and
+    the sums are all-reduced."""
     was_training = model.training
     model.eval()
+    starts = list(range(0, len(examples), batch_size))
+    rounds = -(-len(starts) // world.size)
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id, device)
+    for r in range(rounds):
+        i = r * world.size + world.rank
+        chunk = examples[starts[i] : starts[i] + batch_size] if i < len(starts) else [filler(examples[0])]
+        batch = collate(chunk, pad_id, device)
         with amp:
             total += token_loss_sum(model, batch).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train(was_training)
+    total, count = world.sum([total, count])
     loss = total / max(count, 1)
-    log.eval(step=step, loss=loss, tokens=count)
+    log.eval(step=step, loss=loss, tokens=int(count))
     return loss
 
 
@@ -269,10 +395,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def autocast_context(device: torch.device):
@@ -309,26 +431,6 @@ def collate(examples: list[dict], pad_id: int, device) -> dict:
     mask_dtype = torch.bfloat16 if compute_dtype_name(device) != "fp32" else torch.float32
     batch = data.collate(examples, pad_id, mask_dtype=mask_dtype)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def check_output_dir(output_dir: Path, config: Config) -> None:
-    """Refuse to mix two runs in one folder unless resuming or ``overwrite: true``."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise UserError("output_dir exists and is not a folder", where=str(output_dir))
-    ours = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not ours or config.resume:
-        return
-    if not config.overwrite:
-        raise UserError(
-            "output_dir already holds a run; continue it with --resume, replace it with "
-            "overwrite=true, or pick another output_dir=...",
-            where=str(output_dir),
-        )
-    for name in ours:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class InterruptFlag:

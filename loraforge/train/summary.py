@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from loraforge.train.checkpoint import write_adapters
 from loraforge.train.config import AdapterSection, Config, loftq_quantization, resolved_alpha, resolved_rank
 from loraforge.train.logging import LOG_NAME, PLOT_NAME, RunLog, human_bytes, human_count, peak_memory_bytes, plot_losses
 from loraforge.train.optimizers import optimizer_state_bytes
@@ -47,7 +48,8 @@ def describe_method(a: AdapterSection, config: Config) -> str:
     return text
 
 
-def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, n_steps, optimizer) -> list[tuple[str, str]]:
+def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, n_steps, optimizer,
+                world_size: int = 1) -> list[tuple[str, str]]:
     t, a = config.train, config.adapter
     trainable, total = count_parameters(adapter_model)
     q = config.quantization
@@ -63,19 +65,46 @@ def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, 
         ("trainable", f"{human_count(trainable)} / {human_count(total)} parameters ({100 * trainable / max(total, 1):.3f}%)"),
         ("device", f"{device.type}   dtype: {dtype}"),
         ("data", data),
-        ("batch", f"{t.batch_size} x {t.grad_accum} accumulation = {t.batch_size * t.grad_accum} examples per step"),
+        ("batch", f"{t.batch_size} x {t.grad_accum} accumulation"
+                  + (f" x {world_size} processes" if world_size > 1 else "")
+                  + f" = {t.batch_size * t.grad_accum * world_size} examples per step"),
         ("steps", f"{n_steps}   lr {t.lr:g} {t.schedule}, warm-up {t.warmup_steps}"),
         ("optimizer", f"{t.optimizer}   state {human_bytes(optimizer_state_bytes(optimizer))}"),
         ("output", str(config.output_dir)),
     ]
 
 
-def finish(result, config: Config, optimizer, log: RunLog, device) -> None:
-    """Write the adapter, tokenizer, plot and model card; print the summary."""
+def world_rows(world, base_shards: tuple[list[int], int] | None) -> list[tuple[str, str]]:
+    """The banner's rows about the processes; under FSDP the packed 4-bit base bytes each rank
+    holds (``base_shards``: bytes per rank, bytes of the whole base)."""
+    if world.size == 1:
+        return []
+    rows = [("processes", f"{world.size} ({world.mode})")]
+    if base_shards is not None and base_shards[1]:
+        held, total = base_shards
+        rows.append(("base shards", ", ".join(f"rank {r} {human_bytes(b)}" for r, b in enumerate(held))
+                     + f" of {human_bytes(total)} packed 4-bit base ({100 * max(held) / total:.1f}% max)"))
+    return rows
+
+
+def finish(result, config: Config, optimizer, log: RunLog, device, adapters: dict) -> None:
+    """Write the adapter (``adapters``: its tensors, gathered whole), tokenizer, plot and model
+    card; print the summary. Rank 0 alone calls it."""
     out = result.output_dir
-    result.model.save_pretrained(out)
-    if hasattr(result.tokenizer, "save_pretrained"):
-        result.tokenizer.save_pretrained(out)
+    try:
+        write_adapters(result.model, out, adapters)
+        if hasattr(result.tokenizer, "save_pretrained"):
+            result.tokenizer.save_pretrained(out)
+    except OSError as err:
+        from loraforge.errors import UserError
+        from loraforge.files import describe_os_error
+        from loraforge.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        kept = (f"the checkpoint {last} is intact: free some space and run again with --resume to save it"
+                if last else "no checkpoint was saved (train.save_every)")
+        raise UserError(f"could not write the trained adapter: {describe_os_error(err)}; {kept}",
+                        where=str(out)) from None
     base = save_loftq_base(result, out / "base") if config.adapter.init == "loftq" else None
     plot = plot_losses(out)
     write_model_card(out, config, result)
