@@ -243,7 +243,10 @@ class QuantLinear(nn.Module):
     def _kernel_args(self) -> tuple | None:
         """The fused CPU kernel's arguments (None: not a 16-code 4-bit CPU layer), kept between
         calls and rebuilt whenever a buffer is replaced or moved (their addresses are the key)."""
-        key = tuple(t.data_ptr() for t in self._buffers.values() if t is not None)
+        state = [getattr(self, name) for name in ("qweight", *self._FLOAT_STATE)]  # buffers or (FSDP) parameters
+        if any(t is not None and type(t) not in (torch.Tensor, nn.Parameter) for t in state):
+            return None  # e.g. a sharded DTensor: the reference path
+        key = tuple(t.data_ptr() for t in state if t is not None)
         cached = self.__dict__.get("_cpu_args")
         if cached is None or cached[0] != key:
             w = packed_from_layer(self)
