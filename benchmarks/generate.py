@@ -6,6 +6,8 @@ unquantized, the same chat-templated prompts, greedy decoding of exactly ``--new
 (no early stop) through transformers' ``generate`` with a KV cache. Only the 4-bit linear layer
 differs: loraforge's ``QuantLinear`` vs bitsandbytes' ``Linear4bit``. A dense row (the same model
 unquantized) gives the scale. One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
+The arm ``loraforge-nf4-reference`` runs the same loraforge model with ``LORAFORGE_KERNELS=reference``
+(on CPU: dequantize the whole weight per call, the path before the fused CPU kernel).
 
     .venv/bin/python benchmarks/generate.py                 # CPU (float32 compute)
     .venv/bin/python benchmarks/generate.py --device cuda   # GPU (bfloat16 compute)
@@ -17,6 +19,8 @@ a 4-bit weight stream should beat the dense one (see shared/reference/anchors.md
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -26,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+REFERENCE_ARM = "loraforge nf4, reference path (LORAFORGE_KERNELS=reference)"
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -45,6 +50,8 @@ def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
     models = {}
     if "loraforge-nf4" in arms:
         models["loraforge nf4"], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
+    if "loraforge-nf4-reference" in arms:
+        models[REFERENCE_ARM], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
     if "bnb-nf4" in arms:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=dtype)
@@ -59,6 +66,21 @@ def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
 
         tokenizer = load_tokenizer(folder)
     return models, tokenizer
+
+
+@contextlib.contextmanager
+def kernels_mode(arm: str):
+    """``LORAFORGE_KERNELS=reference`` while the reference arm runs."""
+    before = os.environ.get("LORAFORGE_KERNELS")
+    if arm == REFERENCE_ARM:
+        os.environ["LORAFORGE_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LORAFORGE_KERNELS", None)
+        else:
+            os.environ["LORAFORGE_KERNELS"] = before
 
 
 def run_once(model, prompts, batch: int, new_tokens: int, device: str) -> tuple[float, list]:
@@ -78,11 +100,15 @@ def run_once(model, prompts, batch: int, new_tokens: int, device: str) -> tuple[
 def time_arms(models: dict, prompts, batch: int, new_tokens: int, repeats: int, device: str) -> dict:
     """Median tokens/s per arm; the arms take turns within each repeat, so that a busy machine
     slows them alike. One warm-up run per arm first."""
-    outs = {arm: run_once(model, prompts, batch, new_tokens, device)[1] for arm, model in models.items()}
+    outs = {}
+    for arm, model in models.items():
+        with kernels_mode(arm):
+            outs[arm] = run_once(model, prompts, batch, new_tokens, device)[1]
     times: dict[str, list[float]] = {arm: [] for arm in models}
     for _ in range(repeats):
         for arm, model in models.items():
-            times[arm].append(run_once(model, prompts, batch, new_tokens, device)[0])
+            with kernels_mode(arm):
+                times[arm].append(run_once(model, prompts, batch, new_tokens, device)[0])
     return {arm: (len(prompts) * new_tokens / statistics.median(t), outs[arm]) for arm, t in times.items()}
 
 
@@ -92,8 +118,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"])
+    parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"],
+                        help="loraforge-nf4, loraforge-nf4-reference, bnb-nf4, dense")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
 

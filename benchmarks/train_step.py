@@ -25,6 +25,11 @@ time per step (the issue-12 target for loraforge: <= 1.15x; PEFT's is 1.8-2.8x o
     python benchmarks/train_step.py --steps 5 --threads 1 --arms peft,loraforge --methods lora,dora
     python benchmarks/train_step.py --steps 3 --threads 1 --arms peft,loraforge --no-checkpointing
     python benchmarks/train_step.py --device cuda --shape llama3-8b --bs 2 --seq 2048
+
+"of GEMM ceiling": the arm's tokens/s x (4, or 6 with checkpointing) x the matmul parameters
+(decoder linears + head), over the dense GEMM rate measured in the same run on the model's
+projection shapes (fp32 on CPU, bf16 on GPU): the share of the machine's matmul speed a step
+turns into training (LoRA on a frozen base: forward plus input gradients, ~4 x params x tokens).
 """
 
 from __future__ import annotations
@@ -192,6 +197,52 @@ def run_gpu(arm, a):
     return peer.train_loop(model, cfg.vocab_size, a.bs, a.seq, a.steps, a.warm)
 
 
+# ----- the GEMM ceiling -------------------------------------------------------------------------
+
+def _model_config(a, gpu):
+    if gpu:
+        return _peer_arms().make_cfg(a.shape)
+    from transformers import AutoConfig
+
+    from loraforge.models import resolve_model_path
+    from loraforge.models.gguf import cached_gguf_folder
+
+    return AutoConfig.from_pretrained(cached_gguf_folder(resolve_model_path("smollm2-135m-instruct")))
+
+
+def gemm_ceiling(a, gpu) -> tuple[float, int]:
+    """(FLOP/s of this device's dense GEMMs on the model's projection shapes at bs x seq rows, the
+    parameters every token multiplies: the decoder's linears plus the output head). Measured in
+    this process with the arms' thread count, median of a few repeats per shape."""
+    import torch
+
+    cfg = _model_config(a, gpu)
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, i), (i, h)]  # (in, out) of q/o, k/v, gate/up, down
+    params = cfg.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    if a.threads and not gpu:
+        torch.set_num_threads(a.threads)
+    rows = a.bs * a.seq
+    flops = secs = 0.0
+    for k, n in shapes:
+        x = torch.randn(rows, k, device=device, dtype=dtype)
+        w = torch.randn(k, n, device=device, dtype=dtype)
+        times = []
+        for _ in range(5):
+            if gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            x @ w
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        flops += 2 * rows * k * n
+        secs += statistics.median(times[1:])
+    return flops / secs, params
+
+
 # ----- driver -----------------------------------------------------------------------------------
 
 def run_arm(a):
@@ -253,16 +304,21 @@ def main():
                 continue
             rows.append(json.loads(line[7:]))
             print(f"[{arm} {method}] done: {rows[-1]['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    ceiling, matmul_params = gemm_ceiling(a, gpu)
+    flops_per_token = (6 if CHECKPOINTING else 4) * matmul_params
     where = f"{a.shape}, " if gpu else "SmolLM2-135M-Instruct, "
     print(f"\n{where}{a.bs} x {a.seq} tokens, r={a.r} alpha={a.r} on {','.join(TARGETS)}, AdamW, "
           f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
     cpu = not gpu
-    print("| arm | method | tokens/s | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
+    print(f"GEMM ceiling {ceiling / 1e9:,.0f} GFLOP/s ({'bf16' if gpu else 'fp32'}, this model's shapes, measured now); "
+          f"a step needs {'6' if CHECKPOINTING else '4'} x {matmul_params / 1e6:,.1f}M matmul parameters x tokens FLOPs")
+    print("| arm | method | tokens/s | of GEMM ceiling | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
           + " peak GiB | loss first -> last |")
     print("|---|---|---|---|" + ("---|---|" if cpu else "") + "---|---|")
     for r in rows:
         extra = f" {r['cpu_s']:.2f} | {a.bs * a.seq / r['cpu_s']:.1f} |" if cpu else ""
-        print(f"| {r['arm']} | {r['method']} | {r['tok_s']:.1f} | {r['step_s']:.3f} |{extra} {r['peak_gib']:.2f} | "
+        print(f"| {r['arm']} | {r['method']} | {r['tok_s']:.1f} | {100 * r['tok_s'] * flops_per_token / ceiling:.0f}% | "
+              f"{r['step_s']:.3f} |{extra} {r['peak_gib']:.2f} | "
               f"{r['loss_first']:.4f} -> {r['loss_last']:.4f} |")
     by = {(r["arm"], r["method"]): r for r in rows}
     ratios = [(arm, by[arm, "lora"], by[arm, "dora"]) for arm in arms if (arm, "lora") in by and (arm, "dora") in by]

@@ -9,7 +9,8 @@ signed dynamic map, one float32 ``nested_absmax`` per 256 scales, and the mean `
     w_i      = code4[q_i] * absmax_{i // blocksize}                   (float32, cast once)
 
 :func:`dequantize_4bit` runs the Triton kernel where :func:`~loraforge.kernels.dispatch.use_triton`
-says so and :func:`dequantize_4bit_reference` (plain PyTorch) elsewhere; both give the same bits.
+says so, the compiled C kernel of :mod:`loraforge.kernels.cpu_gemv` on the CPU when it is built,
+and :func:`dequantize_4bit_reference` (plain PyTorch) elsewhere; all give the same bits.
 The kernel is one launch: each program expands ``BLOCK`` packed bytes (``2 * BLOCK`` weights,
 many quantization blocks), unpacks nibbles with shifts, gathers the 16-entry code book and the
 per-block scale (decompressing double-quantized scales on the fly), and casts once at the store;
@@ -77,9 +78,10 @@ class Packed4bit:
 def packed_from_layer(layer) -> Packed4bit | None:
     """The :class:`Packed4bit` view of a 4-bit ``QuantLinear`` (buffers ``qweight``, ``absmax``,
     ``quant_map`` and, double-quantized, ``nested_absmax``, ``offset``, ``nested_quant_map``);
-    ``None`` for any other layer (k-bit types other than 4, or a layer without those buffers)."""
+    ``None`` for any other layer (k-bit types other than 4 -- nf3 is stored in nibbles too, with
+    an 8-value code book --, or a layer without those buffers)."""
     qtype = getattr(layer, "qtype", None)
-    if getattr(qtype, "storage_bits", None) != 4 or not hasattr(layer, "qweight"):
+    if getattr(qtype, "storage_bits", None) != 4 or not hasattr(layer, "qweight") or layer.quant_map.numel() != 16:
         return None
     double = bool(getattr(layer, "double_quant", False))
     return Packed4bit(
@@ -173,9 +175,20 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype = torch.float32, ou
 
 
 def dequantize_4bit(w: Packed4bit, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[*shape]`` weight in ``dtype``: the Triton kernel where it runs, else the reference."""
+    """``[*shape]`` weight in ``dtype``: the Triton kernel where it runs, the compiled CPU kernel
+    (:mod:`loraforge.kernels.cpu_gemv`; straight into ``out`` in float32) on the CPU, else the
+    reference. All give the same bits."""
     if use_triton(w.packed):
         return dequantize_4bit_triton(w, dtype, out)
+    from loraforge.kernels import cpu_gemv  # imports this module
+
+    if w.packed.device.type == "cpu" and cpu_gemv.library() is not None:
+        direct = out is not None and dtype == torch.float32 and out.is_contiguous()
+        target = out if direct else torch.empty(w.shape, dtype=torch.float32)
+        cpu_gemv.dequantize_4bit_cpu(w, target)
+        if direct:
+            return out
+        return target.to(dtype) if out is None else out.copy_(target)
     result = dequantize_4bit_reference(w, dtype)
     if out is not None:
         out.copy_(result)

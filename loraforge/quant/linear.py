@@ -2,8 +2,17 @@
 
     Y = X dequant(c1, c2, W_k) + b,   dequant(c1, c2, W) = dequant(dequant(c1, c2), W_k)
 
-The weight lives only as packed k-bit codes plus block scales (optionally double-quantized);
-every forward (and backward) dequantizes it to the compute dtype for one matmul and drops it.
+The weight lives only as packed k-bit codes plus block scales (optionally double-quantized).
+How a forward computes the product (the result is the same to float32 rounding):
+
+- few rows (decode: at most 16) of float32 input on the CPU, no gradient wanted, 4-bit codes: the
+  fused kernel of :mod:`loraforge.kernels.cpu_gemv`, which reads the packed codes and scales once
+  and never materialises the weight;
+- otherwise (prefill, training, other devices and bit widths): the weight is dequantized to the
+  compute dtype (4-bit: into one buffer shared by all layers and reused from call to call, see
+  :func:`loraforge.kernels.lora_linear.base_weight`) for one matmul, in forward and again in
+  backward.
+
 Gradients flow to the input only: the base weight is frozen, as in QLoRA, where only the
 adapters on top of it train.
 """
@@ -17,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.errors import UserError
+from loraforge.kernels import cpu_gemv
+from loraforge.kernels.dequant import packed_from_layer
+from loraforge.kernels.lora_linear import base_weight
 from loraforge.quant.blockwise import (
     check_blocksize,
     dequantize_blockwise,
@@ -31,20 +43,32 @@ from loraforge.quant.double_quant import NESTED_BLOCKSIZE, NestedAbsmax, compres
 
 
 class _DequantizedMatmul(torch.autograd.Function):
-    """``F.linear(x, W, bias)`` with ``W`` rebuilt from codes in forward and again in backward,
-    so no full-precision weight outlives the call. Returns a gradient for ``x`` only."""
+    """``F.linear(x, W, bias)`` with ``W`` rebuilt from codes in forward and again in backward
+    (4-bit: into the shared buffer, valid until the next layer's call), so no full-precision
+    weight outlives the call. Returns a gradient for ``x`` only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear", bias: torch.Tensor | None) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return F.linear(x, base_weight(layer, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype)
+            grad_x = grad_out @ base_weight(ctx.layer, grad_out.dtype)
         return grad_x, None, None
+
+
+def _fused_decode(layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The fused CPU product for decode shapes, or ``None`` where it does not apply."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < math.prod(x.shape[:-1]) <= cpu_gemv.MAX_ROWS
+            or (x.requires_grad and torch.is_grad_enabled()) or cpu_gemv.library() is None):
+        return None
+    args = layer._kernel_args()
+    if args is None:
+        return None
+    return cpu_gemv.gemv_with_args(x, args, layer.out_features, None if bias is None else bias.contiguous())
 
 
 class QuantLinear(nn.Module):
@@ -216,9 +240,26 @@ class QuantLinear(nn.Module):
         codes = unpack_codes(self.qweight, math.prod(shape), self.qtype.storage_bits)
         return dequantize_blockwise(codes, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
 
+    def _kernel_args(self) -> tuple | None:
+        """The fused CPU kernel's arguments (None: not a 16-code 4-bit CPU layer), kept between
+        calls and rebuilt whenever a buffer is replaced or moved (their addresses are the key)."""
+        state = [getattr(self, name) for name in ("qweight", *self._FLOAT_STATE)]  # buffers or (FSDP) parameters
+        if any(t is not None and type(t) not in (torch.Tensor, nn.Parameter) for t in state):
+            return None  # e.g. a sharded DTensor: the reference path
+        key = tuple(t.data_ptr() for t in state if t is not None)
+        cached = self.__dict__.get("_cpu_args")
+        if cached is None or cached[0] != key:
+            w = packed_from_layer(self)
+            ok = w is not None and w.packed.device.type == "cpu" and len(w.shape) == 2
+            cached = self.__dict__["_cpu_args"] = (key, cpu_gemv.weight_args(w) if ok else None)
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _DequantizedMatmul.apply(x.to(self.compute_dtype), self, bias)
+        xc = x.to(self.compute_dtype)
+        out = _fused_decode(self, xc, bias)
+        if out is None:
+            out = _DequantizedMatmul.apply(xc, self, bias)
         return out.to(x.dtype)
 
     def bits_per_parameter(self) -> float:

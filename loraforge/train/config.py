@@ -129,7 +129,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when activations would not fit (train/checkpointing.py)
     kernels: bool = True  # fused kernels (model types of loraforge.kernels.arch_specs), false: transformers' forward
     eval_every: int = 50
     save_every: int = 50
@@ -554,6 +554,10 @@ def _check_config(c: Config, where: _Where) -> None:
     need(t.eval_every >= 0, "train.eval_every", "expected eval_every >= 0 (0: only at the end)")
     need(t.save_every >= 0, "train.save_every", "expected save_every >= 0 (0: only on interrupt)")
     need(t.keep_last >= 1, "train.keep_last", "expected keep_last >= 1")
+    if isinstance(t.gradient_checkpointing, str):
+        value = t.gradient_checkpointing
+        need(value == "auto", "train.gradient_checkpointing",
+             f"expected true, false or auto, got {value!r}{did_you_mean(value, ['auto'])}")
     if t.distributed is not None:
         from loraforge.train.distributed import FSDP_METHODS, MODES
 

@@ -71,6 +71,7 @@ from loraforge.train.logging import RunLog, SilentLog, peak_memory_bytes
 from loraforge.train.outputs import check_output_dir, clear_previous_run, create_output_dir
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
+from loraforge.train.checkpointing import decide_checkpointing
 from loraforge.train.summary import banner_rows, finish, world_rows
 
 IGNORE = -100
@@ -157,7 +158,10 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     adapter_model = build.attach_adapter(model, config, echo=echo)
     if t.kernels:
         apply_kernels(adapter_model)  # fused LoRA blocks, norms and the chunked loss; notices where not
-    if t.gradient_checkpointing:
+    longest = max((len(e["input_ids"]) for e in train_set), default=0)
+    checkpointing = decide_checkpointing(t.gradient_checkpointing, getattr(model, "config", None), device,
+                                         t.batch_size * longest, 2 if device.type == "cuda" else 4)
+    if checkpointing.on:
         enable_gradient_checkpointing(adapter_model)
     if not any(p.requires_grad for p in adapter_model.parameters()):
         raise UserError("the adapter has no trainable parameters (check adapter.targets)", where="adapter.targets")
@@ -188,7 +192,8 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
            if world.is_main else SilentLog())
     shards = base_shards(world, adapter_model)
     log.banner(banner_rows(config, adapter_model, device, compute_dtype_name(device), train_set, eval_set, n_steps,
-                           optimizer, world_size=world.size) + world_rows(world, shards))
+                           optimizer, world_size=world.size) + world_rows(world, shards)
+               + [("checkpointing", checkpointing.describe())])
     if shards is not None and resume_from is None:
         log.record({"step": 0, "base_bytes_per_rank": shards[0], "base_bytes": shards[1]})
     log.note(train_stats.summary())

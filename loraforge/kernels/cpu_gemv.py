@@ -1,0 +1,188 @@
+"""4-bit decode on CPU at memory speed: a small C kernel built at first use.
+
+    y[m, n] = sum_k x[m, k] * code4[q[n, k]] * absmax[(n * K + k) // blocksize]      (+ bias)
+
+the product of :mod:`loraforge.kernels.gemv4bit` (same storage, see
+:mod:`loraforge.kernels.dequant`), for float32 ``x`` on the CPU. A one-token decode reads every
+weight once, so it is bound by the bytes read: the kernel streams the packed codes and the
+scales (4.127 bits per weight double-quantized) and never writes a float32 weight (32 bits), which
+is what the reference (:func:`~loraforge.kernels.gemv4bit.gemv_4bit_reference`: dequantize, then
+``F.linear``) does. Block scales (double-quantized ones decompressed on the fly) and the weights
+``code * scale`` are the reference's float32 values; only the order of the sum differs.
+:func:`dequantize_4bit_cpu` writes the reference's weight bits into a caller's buffer (the large-M
+path: one dequantization per call, then one GEMM).
+
+Build: ``csrc/gemv4bit_cpu.c`` is compiled once per source, compiler and CPU with the system C
+compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) at ``-O3 -march=native`` with OpenMP --
+the runtime torch itself loads, so the kernel's threads are torch's (``torch.set_num_threads``)
+-- and cached under the loraforge cache (``$LORAFORGE_CACHE``, else ``$XDG_CACHE_HOME/loraforge``,
+else ``~/.cache/loraforge``) in ``kernels/``; it is loaded with ``ctypes``. Without a compiler
+(or when the build fails) :func:`library` returns ``None`` once, prints one notice, and callers
+use the reference. ``LORAFORGE_KERNELS=reference`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from loraforge.kernels.dequant import Packed4bit
+from loraforge.kernels.dispatch import mode, notice
+
+MAX_ROWS = 16  # above this many rows of x, dequantize once and use one GEMM
+SOURCE = Path(__file__).with_name("csrc") / "gemv4bit_cpu.c"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("LORAFORGE_CACHE"):
+        return Path(os.environ["LORAFORGE_CACHE"]).expanduser() / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "loraforge" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (``-march=native`` code is only valid where they are the same)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cc: str, target: Path) -> str:
+    """Compile into ``target`` (atomically); '' on success, else the reason."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    reason = ""
+    # with OpenMP first; a compiler without it (no libgomp to link) still gives a one-thread kernel
+    for extra in (["-fopenmp"], []):
+        try:
+            run = subprocess.run([cc, *_FLAGS, *extra, str(SOURCE), "-o", tmp],
+                                 capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            reason = str(exc)
+            continue
+        if run.returncode == 0:
+            os.replace(tmp, target)
+            return ""
+        reason = (run.stderr.strip().splitlines() or ["compiler failed"])[-1]
+    Path(tmp).unlink(missing_ok=True)
+    return reason
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        notice("no C compiler found (set CC): 4-bit layers on CPU use the PyTorch reference (slower decode)")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"gemv4bit_cpu-{key}.so"
+    if not target.exists():
+        reason = _build(cc, target)
+        if reason:
+            notice(f"building the 4-bit CPU kernel failed ({reason}): using the PyTorch reference")
+            return None
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        notice(f"loading the 4-bit CPU kernel failed ({exc}): using the PyTorch reference")
+        return None
+    lib.lf_gemv4.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P]
+    lib.lf_gemv4.restype = ctypes.c_int
+    lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
+    lib.lf_dequant4.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or ``None`` (turned off, no compiler, failed build)."""
+    if mode() == "reference":
+        return None
+    return _load()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def weight_args(w: Packed4bit) -> tuple:
+    """The weight's C arguments (packed, absmax f32, absmax u8, nested, map8, offset, code,
+    blocksize): raw pointers, valid while ``w``'s tensors live and do not move. Callers may keep
+    them (QuantLinear does, keyed by its buffers' addresses) to skip this per call."""
+    w.check()
+    for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
+        t = getattr(w, name)
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    if w.code.dtype != torch.float32 or (w.double_quant and (w.nested_code.dtype != torch.float32
+                                                             or w.offset.dtype != torch.float32)):
+        raise ValueError("code books and offset must be float32")
+    if w.double_quant:
+        return (_ptr(w.packed), None, _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code),
+                _ptr(w.offset), _ptr(w.code), w.blocksize)
+    return (_ptr(w.packed), _ptr(w.absmax), None, None, None, None, _ptr(w.code), w.blocksize)
+
+
+def supports(x: torch.Tensor, w: Packed4bit) -> bool:
+    """The fused product's domain: float32 CPU rows (at most :data:`MAX_ROWS`), a 2-D weight of
+    float32 scales or double-quantized ones, the kernel built."""
+    rows = math.prod(x.shape[:-1])
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= MAX_ROWS
+            and len(w.shape) == 2 and x.shape[-1] == w.shape[1] and w.packed.device.type == "cpu"
+            and (w.double_quant or w.absmax.dtype == torch.float32) and library() is not None)
+
+
+def gemv_4bit_cpu(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(w)^T + bias`` for float32 ``x [..., K]`` (no gradient); check :func:`supports` first."""
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    return gemv_with_args(x, weight_args(w), w.shape[0], bias)
+
+
+def gemv_with_args(x: torch.Tensor, args: tuple, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`gemv_4bit_cpu` with the weight as :func:`weight_args` (``n`` output features) and
+    ``bias`` already a contiguous float32 tensor or ``None``."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if library().lf_gemv4(x2.data_ptr(), x2.shape[0], x2.stride(0), n, k, *args, _ptr(bias), y.data_ptr()) != 0:
+        raise MemoryError("the 4-bit CPU kernel could not allocate its scratch buffer")
+    return y.view(*x.shape[:-1], n)
+
+
+def dequantize_4bit_cpu(w: Packed4bit, out: torch.Tensor) -> torch.Tensor:
+    """Write the float32 weight (the reference's bits) into ``out`` (contiguous, float32, CPU)."""
+    args = weight_args(w)
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != w.numel or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.numel} values")
+    library().lf_dequant4(w.numel, *args, _ptr(out))
+    return out
