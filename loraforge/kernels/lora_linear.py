@@ -52,6 +52,8 @@ def lora_spec(module: nn.Module) -> tuple[LoraSpec | None, str]:
     if _is_base(module):
         if getattr(module, "bias", None) is not None:
             return None, "a projection has a bias"
+        if getattr(getattr(module, "weight", None), "requires_grad", False):
+            return None, "a projection's weight is trained (the fused path computes no gradient for it)"
         return LoraSpec(module, None, None, 0.0, module.out_features), ""
     if type(module).__name__ != "LoraLayer" or not hasattr(module, "lora_A"):
         return None, f"{type(module).__name__} is not a plain LoRA layer"
