@@ -115,6 +115,7 @@ def test_save_load_round_trip_and_no_merge(tmp_path):
     loaded = load_adapter(base(), tmp_path)
     torch.testing.assert_close(logits(loaded), logits(am), rtol=0, atol=0)
 
+    assert not loaded.mergeable()
     with pytest.raises(UserError, match="cannot be merged.*nonlinear"):
         loaded.merge_and_unload()
     torch.testing.assert_close(logits(loaded), logits(am), rtol=0, atol=0)  # nothing changed

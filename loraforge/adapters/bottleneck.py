@@ -49,6 +49,9 @@ from loraforge.errors import UserError, check_choice
 PLACEMENTS = {"houlsby": ["o_proj", "down_proj"], "pfeiffer": ["down_proj"]}
 DEFAULT_NON_LINEARITY = {"houlsby": "swish", "pfeiffer": "relu"}
 DEFAULT_REDUCTION_FACTOR = 16
+NO_MERGE = ("bottleneck adapters cannot be merged: h + W_up f(W_down h) is nonlinear in the layer's output, not a "
+            "change of its weight; load the adapter with the base at run time instead (e.g. loraforge generate "
+            "MODEL --adapter DIR)")
 
 
 @dataclass(kw_only=True)
@@ -151,9 +154,7 @@ class BottleneckLayer(AdapterLayer):
         return h + z if self.residual[name] else z
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        raise UserError("bottleneck adapters cannot be merged: h + W_up f(W_down h) is nonlinear in the layer's "
-                        "output, not a change of its weight; load the adapter with the base at run time instead "
-                        "(e.g. loraforge generate MODEL --adapter DIR)", where="merge")
+        raise UserError(NO_MERGE, where="merge")
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         down, up = self.adapter_down[name], self.adapter_up[name]
@@ -169,4 +170,5 @@ class BottleneckLayer(AdapterLayer):
             param.copy_(tensors[suffix])
 
 
-register(Method(name="bottleneck", peft_type="BOTTLENECK", config_cls=BottleneckConfig, layer_cls=BottleneckLayer))
+register(Method(name="bottleneck", peft_type="BOTTLENECK", config_cls=BottleneckConfig, layer_cls=BottleneckLayer,
+                merge_refusal=NO_MERGE))

@@ -585,12 +585,12 @@ def _check_config(c: Config, where: _Where) -> None:
     need(t.save_every >= 0, "train.save_every", "expected save_every >= 0 (0: only on interrupt)")
     need(t.keep_last >= 1, "train.keep_last", "expected keep_last >= 1")
     if t.distributed is not None:
-        from loraforge.train.distributed import FSDP_METHODS, MODES
+        from loraforge.train.distributed import FSDP_METHODS, FSDP_REFUSALS, MODES
 
         choice(t.distributed, MODES, "train.distributed", "distributed mode")
+        why = FSDP_REFUSALS.get(a.method, f"{a.method}'s step between optimizer steps reads whole (unsharded) tensors")
         need(t.distributed != "fsdp" or a.method in FSDP_METHODS, "train.distributed",
-             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {a.method}'s step between optimizer steps "
-             "reads whole (unsharded) tensors: use train.distributed: ddp")
+             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {why}: use train.distributed: ddp")
         need(t.distributed != "fsdp" or t.optimizer == "adamw", "train.distributed",
              f"fsdp trains with optimizer adamw; {t.optimizer} is not built for sharded (DTensor) parameters: "
              "use train.distributed: ddp")
