@@ -114,6 +114,10 @@ def test_full_refuses_a_quantized_base_and_adapter_keys(tmp_path, tokenizer):
     with pytest.raises(UserError) as info:
         load_config(None, ["data.train=a.jsonl", "adapter.method=full", "quantization=null", "adapter.r=8"])
     assert "does not apply to adapter method 'full'" in info.value.message and "adapter.r" in info.value.where
+    from loraforge.train.demo import DEMO_CONFIG
+
+    demo = load_config(DEMO_CONFIG, ["adapter.method=full"], user_file=False)  # `loraforge train adapter.method=full`
+    assert demo.quantization is None and demo.adapter.r is None
     with pytest.raises(UserError, match="quantized layers.*16/32-bit base"):
         FullModel(quantize_model(tiny_model(tokenizer), "nf4"))
 

@@ -115,7 +115,9 @@ def full_config(section: AdapterSection):
     every weight: there is no rank, target or init to choose)."""
     from loraforge.train.full import FullConfig
 
-    for key, value in _changed_keys(section, AdapterSection()):
+    changed = _changed_keys(section, AdapterSection())
+    if changed:
+        key, value = changed[0]
         raise UserError(f"does not apply to adapter method 'full' (it trains every weight of the model; "
                         f"got {value!r})", where=f"adapter.{key}")
     return FullConfig()
