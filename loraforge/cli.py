@@ -22,7 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("loraforge.infer.generate_command", "generate replies for a prompt or a JSONL file of prompts"),
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),
-    "eval": ("loraforge.infer.eval_command", "perplexity or accuracy of a model (and adapter); --compare"),
+    "eval": ("loraforge.infer.eval_command", "perplexity, accuracy or multiple-choice accuracy of a model (and adapter); --compare"),
+    "serve": ("loraforge.infer.serve_command", "an OpenAI-compatible server: one base, many adapters picked per request"),
+    "judge": ("loraforge.infer.judge_command", "a judged pairwise tournament of answer files: win/tie/loss and Elo"),
     "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
 

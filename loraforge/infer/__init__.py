@@ -8,7 +8,13 @@
     merge.py         fold an adapter into a dense copy of the base it was trained on; write safetensors / nf4
     export_gguf.py   write a llama.cpp GGUF file (f32 / f16 / bf16 / q8_0) from a dense Llama
     evaluate.py      perplexity (strided windows on text, or a data set's responses) and accuracy
-    *_command.py     the ``generate``, ``chat``, ``merge`` and ``eval`` CLI commands
+    choice.py        multiple-choice accuracy, MMLU style (letter or option log-likelihood, k-shot)
+    openai_api.py    OpenAI API request validation and response bodies (no HTTP)
+    serve.py         the OpenAI-compatible HTTP server: one base, named adapters picked per request
+    judge.py         pairwise judged tournament (both orders, resumable JSONL of judgments)
+    judge_clients.py judges: a local model, or an OpenAI-compatible URL (timeouts, retries)
+    elo.py           Elo ratings with bootstrap intervals over random game orderings
+    *_command.py     the ``generate``, ``chat``, ``merge``, ``eval``, ``serve`` and ``judge`` CLI commands
 
 Names are imported on first use so that ``loraforge --help`` does not pay for torch.
 """
@@ -31,11 +37,21 @@ _EXPORTS = {
     "perplexity_text": "loraforge.infer.evaluate",
     "perplexity_responses": "loraforge.infer.evaluate",
     "accuracy": "loraforge.infer.evaluate",
+    "choice_accuracy": "loraforge.infer.choice",
+    "read_choice_rows": "loraforge.infer.choice",
+    "ModelServer": "loraforge.infer.serve",
+    "make_server": "loraforge.infer.serve",
+    "run_tournament": "loraforge.infer.judge",
+    "read_answers": "loraforge.infer.judge",
+    "LocalJudge": "loraforge.infer.judge_clients",
+    "HttpJudge": "loraforge.infer.judge_clients",
+    "bootstrap_elo": "loraforge.infer.elo",
 }
 __all__ = [
-    "GenerationSettings", "InferenceSession", "accuracy", "chat_loop", "generate", "generate_ids",
-    "load_for_inference", "merge_adapter", "perplexity_responses", "perplexity_text", "save_nf4",
-    "save_safetensors", "write_gguf",
+    "GenerationSettings", "HttpJudge", "InferenceSession", "LocalJudge", "ModelServer", "accuracy",
+    "bootstrap_elo", "chat_loop", "choice_accuracy", "generate", "generate_ids", "load_for_inference",
+    "make_server", "merge_adapter", "perplexity_responses", "perplexity_text", "read_answers",
+    "read_choice_rows", "run_tournament", "save_nf4", "save_safetensors", "write_gguf",
 ]
 
 

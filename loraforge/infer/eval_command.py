@@ -1,14 +1,18 @@
-"""``loraforge eval MODEL [--adapter DIR] --data FILE [--metric perplexity|accuracy] [--compare]``
+"""``loraforge eval MODEL [--adapter DIR] --data FILE [--metric perplexity|accuracy|choice] [--compare]``
 
 - ``perplexity`` (default) on a ``.txt`` file: strided windows (``--window``, ``--stride``; see
   evaluate.py); on a data set (``.json``/``.jsonl``/``.parquet``): the responses' perplexity,
   rendered with the training template.
 - ``accuracy`` on JSONL ``{prompt, answer}`` rows: greedy answers, ``--match exact`` (default) or
   ``contains``. A prompt too long for the model's context is cut from the left (with a note).
+- ``choice`` on multiple-choice rows (MMLU layout or A/B/C/D columns; see choice.py): the
+  log-likelihood of each option's letter (``--score letter``, QLoRA's way) or of its text
+  (``--score option``, length-normalised), ``--shots K`` examples from ``--dev FILE``;
+  per-subject and overall accuracy.
 - ``--compare`` (needs ``--adapter``) evaluates the base (adapter switched off) and the adapter
   in the same run and prints them side by side.
 
-Each pass shows a progress bar (windows, examples or prompts) when stderr is a terminal.
+Each pass shows a progress bar (windows, examples, prompts or choices) when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from loraforge.progress import progress
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, metavar="FILE", help=".txt text, a data set, or {prompt, answer} JSONL")
-    parser.add_argument("--metric", choices=("perplexity", "accuracy"), default="perplexity")
+    parser.add_argument("--metric", choices=("perplexity", "accuracy", "choice"), default="perplexity",
+                        help="choice: multiple-choice rows (question, choices, answer[, subject])")
     parser.add_argument("--compare", action="store_true", help="base and adapter side by side (needs --adapter)")
     parser.add_argument("--window", type=int, default=None, metavar="N",
                         help="tokens per window / longest example (default min(1024, model context); at most the context)")
@@ -33,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accuracy: output equals the answer (stripped), or contains it")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="accuracy: tokens per answer (default 32)")
     parser.add_argument("--raw", action="store_true", help="accuracy: prompts as plain text, without the chat template")
+    parser.add_argument("--score", choices=("letter", "option"), default="letter",
+                        help="choice: likelihood of the answer letter (default, QLoRA's way) or of the option text")
+    parser.add_argument("--shots", type=int, default=0, metavar="K", help="choice: K examples from --dev (default 0)")
+    parser.add_argument("--dev", default=None, metavar="FILE", help="choice: rows the shots are taken from")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="examples per batch (default 8)")
 
 
@@ -44,17 +53,69 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("data file not found", where=str(data))
     if args.metric == "accuracy" and data.suffix.lower() == ".txt":
         raise UserError("accuracy needs JSONL rows {\"prompt\": ..., \"answer\": ...}, not a .txt file", where=str(data))
+    if args.metric != "choice" and (args.shots or args.dev or args.score != "letter"):
+        raise UserError("--score, --shots and --dev go with --metric choice", where="--metric")
+    if args.metric == "choice":
+        measure_of = _choice(args)  # reads and checks the rows before the slow load
     session = load_session(args)
-    measure, total, unit = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
-    results: dict[str, str] = {}
+    if args.metric == "choice":
+        measure, total, unit = measure_of(session)
+    else:
+        measure, total, unit = _accuracy(args, session) if args.metric == "accuracy" else _perplexity(args, session)
+    results: dict = {}
     if args.compare:
         with session.adapter.disable_adapter(), progress("base", total, unit=unit) as advance:
             results["base"] = measure(advance)
     name = "adapter" if args.adapter else "model"
     with progress(name, total, unit=unit) as advance:
         results[name] = measure(advance)
-    _print_table(args, results)
+    (_print_choice_table if args.metric == "choice" else _print_table)(args, results)
     return 0
+
+
+def _choice(args):
+    """session -> (measure(advance) -> ChoiceResult, steps per pass, their unit) for choice."""
+    from loraforge.infer.choice import choice_accuracy, continuations_count, read_choice_rows
+    from loraforge.infer.prompts import pad_token_id
+
+    if args.shots < 0:
+        raise UserError(f"expected shots >= 0, got {args.shots}", where="--shots")
+    if args.shots and not args.dev:
+        raise UserError("shots are taken from a dev file; give it with --dev", where="--shots")
+    if args.template:
+        raise UserError("choice prompts are MMLU's plain text; --template does not apply", where="--template")
+    items = read_choice_rows(args.data)
+    dev = read_choice_rows(args.dev) if args.dev else []
+
+    def measure_of(session):
+        def measure(advance):
+            return choice_accuracy(session.model, session.tokenizer, items, score=args.score, dev=dev,
+                                   shots=args.shots, pad_id=pad_token_id(session.tokenizer),
+                                   batch_size=args.batch_size, on_batch=advance, dev_name=args.dev or "--dev")
+
+        return measure, continuations_count(items), "choices"
+
+    return measure_of
+
+
+def _print_choice_table(args, results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(counts) -> str:
+        correct, total = counts
+        return f"{correct / total:.2%} ({correct}/{total})" if total else "-"
+
+    table = Table(title=f"choice accuracy ({args.score}, {args.shots}-shot) on {args.data}")
+    table.add_column("subject")
+    for name in results:
+        table.add_column(name, justify="right")
+    first = next(iter(results.values()))
+    subjects = sorted(s for s in first.per_subject if s is not None)
+    for subject in subjects + ([None] if None in first.per_subject and subjects else []):
+        table.add_row(subject or "(none)", *(cell(r.per_subject[subject]) for r in results.values()))
+    table.add_row("overall", *(cell((r.correct, r.total)) for r in results.values()))
+    Console(highlight=False, soft_wrap=True).print(table)
 
 
 def _perplexity(args, session):

@@ -41,15 +41,15 @@ def load_for_inference(source: str | Path, adapter: str | Path | None = None, *,
     return InferenceSession(adapter_model, tokenizer, adapter_model, trained_template(adapter))
 
 
-def attach_adapter(model, contents: tuple, adapter: str | Path, source: str):
-    """Attach ``contents = read_adapter(adapter)``, with a clearer message when the adapter was
-    made for another base."""
+def attach_adapter(model, contents: tuple, adapter: str | Path, source: str, name: str = "default"):
+    """Attach ``contents = read_adapter(adapter)`` as adapter ``name`` (on an AdapterModel, beside
+    the others), with a clearer message when the adapter was made for another base."""
     import json
 
     from loraforge.adapters.model import attach_read_adapter
 
     try:
-        return attach_read_adapter(model, contents)
+        return attach_read_adapter(model, contents, name=name)
     except UserError as err:
         try:
             base = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
