@@ -1,13 +1,16 @@
-"""LoRA vs AdaLoRA vs SoRA at a similar parameter budget on alpaca data (SmolLM2-135M-Instruct).
+"""LoRA vs AdaLoRA vs SoRA at a similar parameter budget on alpaca data (SmolLM2-135M-Instruct),
+beside the two ends of the family: bottleneck adapters and full fine-tuning.
 
 - LoRA r (default 8) on every linear layer;
 - AdaLoRA from init_r = 1.5 r down to target_r = r (average), the budget moved between modules
   by importance (tinit / tfinal = 10% / 25% of the steps);
-- SoRA from r0 = 1.5 r with the proximal L1 step on the gates, so it prunes ranks as it trains.
+- SoRA from r0 = 1.5 r with the proximal L1 step on the gates, so it prunes ranks as it trains;
+- bottleneck adapters (Houlsby placement, reduction factor 16: after attention and MLP);
+- full fine-tuning (every weight; its own, smaller learning rate ``--full-lr``).
 
-The same short run for each (same data order, AdamW, lr, steps); printed: trainable parameters
-at the start and kept at the end, final ranks (total, min / mean / max per module), train loss,
-held-out alpaca loss.
+The same short run for each (same data order, AdamW, steps; lr per method as said); printed:
+trainable parameters at the start and kept at the end, final ranks (total, min / mean / max per
+module; "-" for methods without ranks), train loss, held-out alpaca loss, seconds per step.
 
     .venv/bin/python benchmarks/rank_methods.py
     .venv/bin/python benchmarks/rank_methods.py --steps 60 --rank 8 --sora-lambda 20
@@ -57,16 +60,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of full fine-tuning")
     parser.add_argument("--sora-lambda", type=float, default=20.0)
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from loraforge.adapters import LoraConfig, attach
+    from loraforge.adapters import BottleneckConfig, LoraConfig, attach
     from loraforge.adapters.adalora import AdaloraConfig
     from loraforge.adapters.sora import SoraConfig
     from loraforge.models import load_model
+    from loraforge.train.full import FullModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
@@ -74,28 +79,38 @@ def main() -> None:
     train, held = alpaca_examples(tokenizer, args.max_length, args.eval_rows)
     pad_id = pad_id_of(tokenizer)
     r, r0 = args.rank, args.rank * 3 // 2
-    methods = {
+    adapters = {
         f"LoRA r={r}": (LoraConfig(r=r, alpha=2 * r), lora_ranks),
         f"AdaLoRA {r0}->{r}": (AdaloraConfig(init_r=r0, target_r=r, alpha=2 * r, tinit=args.steps // 10,
                                              tfinal=args.steps // 4), adalora_ranks),
         f"SoRA r0={r0} lambda={args.sora_lambda:g}": (SoraConfig(r=r0, alpha=2 * r0, lambda_=args.sora_lambda),
                                                       sora_ranks),
+        "bottleneck houlsby /16": (BottleneckConfig(placement="houlsby", reduction_factor=16), None),
     }
-    print(f"SmolLM2-135M-Instruct (fp32) on {device}; all linear layers; {args.steps} steps x {args.batch} alpaca "
-          f"examples, AdamW lr {args.lr:g}, max_length {args.max_length}; eval on the last {args.eval_rows} rows")
+    # name -> (make the trained model from a copy of the base, ranks at the end or None, lr)
+    methods = {name: ((lambda model, config=config: attach(model, config)), ranks_of, args.lr)
+               for name, (config, ranks_of) in adapters.items()}
+    methods["full fine-tuning"] = (FullModel, None, args.full_lr)
+    print(f"SmolLM2-135M-Instruct (fp32) on {device}; adapters on all linear layers (bottleneck: after attention "
+          f"and MLP); {args.steps} steps x {args.batch} alpaca examples, AdamW lr {args.lr:g} (full: "
+          f"{args.full_lr:g}), max_length {args.max_length}; eval on the last {args.eval_rows} rows")
     rows = [("method", "params start", "params end", "ranks end (sum; min/mean/max)",
-             "train loss (last 5)", "eval loss", "s")]
-    for name, (config, ranks_of) in methods.items():
-        t = time.perf_counter()
-        adapter_model = attach(copy.deepcopy(full), config)
+             "train loss (last 5)", "eval loss", "s/step")]
+    for name, (make, ranks_of, lr) in methods.items():
+        adapter_model = make(copy.deepcopy(full))
         params_start = sum(p.numel() for p in adapter_model.parameters() if p.requires_grad)
-        losses = finetune(adapter_model, train, pad_id, steps=args.steps, batch=args.batch, lr=args.lr)
-        ranks = ranks_of(adapter_model)
-        values = list(ranks.values())
-        rows.append((name, f"{params_start:,}", f"{adapter_parameters(adapter_model, ranks):,}",
-                     f"{sum(values)}; {min(values)}/{sum(values) / len(values):.1f}/{max(values)}",
-                     f"{sum(losses[-5:]) / 5:.4f}", f"{eval_loss(adapter_model, held, pad_id):.4f}",
-                     f"{time.perf_counter() - t:.0f}"))
+        t = time.perf_counter()
+        losses = finetune(adapter_model, train, pad_id, steps=args.steps, batch=args.batch, lr=lr)
+        per_step = (time.perf_counter() - t) / args.steps
+        if ranks_of is None:
+            params_end, ranks_text = f"{params_start:,}", "-"
+        else:
+            ranks = ranks_of(adapter_model)
+            values = list(ranks.values())
+            params_end = f"{adapter_parameters(adapter_model, ranks):,}"
+            ranks_text = f"{sum(values)}; {min(values)}/{sum(values) / len(values):.1f}/{max(values)}"
+        rows.append((name, f"{params_start:,}", params_end, ranks_text, f"{sum(losses[-5:]) / 5:.4f}",
+                     f"{eval_loss(adapter_model, held, pad_id):.4f}", f"{per_step:.2f}"))
         print_table(rows)
         del adapter_model
     print()

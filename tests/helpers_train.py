@@ -4,6 +4,7 @@ a tiny Llama with SmolLM2's vocabulary standing in for the base model, and small
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -53,6 +54,19 @@ def write_chat_data(path: Path, n: int = 24) -> Path:
             row = {"messages": [{"role": "user", "content": f"Say {a} then {b}."},
                                 {"role": "assistant", "content": f"{a} {b} " * (1 + i % 3)}]}
             f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_segment_data(path: Path, n: int = 16) -> Path:
+    """``n`` rows in the ``segments`` format for the tiny word-level tokenizer (t0..t127):
+    an untrained prompt, then a trained answer drawn from a small vocabulary (learnable)."""
+    rng = random.Random(0)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            prompt = " ".join(f"t{rng.randrange(3, 128)}" for _ in range(rng.randrange(2, 5)))
+            answer = " ".join(f"t{rng.randrange(3, 20)}" for _ in range(rng.randrange(3, 7)))
+            f.write(json.dumps({"segments": [{"text": prompt, "label": False},
+                                             {"text": " " + answer, "label": True}]}) + "\n")
     return path
 
 

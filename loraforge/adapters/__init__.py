@@ -1,15 +1,18 @@
-"""Adapters: LoRA, rsLoRA, DoRA and VeRA on dense or 4-bit linear layers, in PEFT's format.
+"""Adapters: LoRA, rsLoRA, DoRA, VeRA, AdaLoRA, SoRA and bottleneck adapters on dense or 4-bit
+linear layers, in PEFT's format (bottleneck: loraforge's own, in PEFT's layout).
 
     from loraforge.adapters import LoraConfig, attach, load_adapter
     am = attach(model, LoraConfig(r=16, alpha=16, use_dora=False))
     ...train...; am.save_pretrained("out"); am = load_adapter(model2, "out")
 
 Methods register themselves in :data:`loraforge.adapters.base.REGISTRY` when their file is
-imported; this package imports the built-in ones (lora and dora, vera, adalora, sora, loftq).
+imported; this package imports the built-in ones (lora and dora, vera, adalora, sora, loftq,
+bottleneck).
 """
 
 from loraforge.adapters import lora, vera  # noqa: F401  (registers the methods; lora first)
-from loraforge.adapters import adalora, loftq, sora  # noqa: F401,I001
+from loraforge.adapters import adalora, bottleneck, loftq, sora  # noqa: F401,I001
+from loraforge.adapters.bottleneck import BottleneckConfig
 from loraforge.adapters.base import REGISTRY, AdapterConfig, AdapterLayer, Method, register
 from loraforge.adapters.lora import DoraConfig, LoraConfig
 from loraforge.adapters.model import AdapterModel, attach, load_adapter
@@ -20,6 +23,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayer",
     "AdapterModel",
+    "BottleneckConfig",
     "DoraConfig",
     "LoraConfig",
     "Method",

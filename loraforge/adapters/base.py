@@ -304,6 +304,8 @@ class Method:
     ``make_shared(config, targets)`` (optional) builds the module of state shared by all adapted
     layers of one adapter (``targets`` maps module names to base layers); it must offer
     ``peft_tensors(config) -> dict`` (full on-disk keys) and ``load_peft_tensors(dict, where)``.
+    ``merge_refusal``: for a method without a merge rule (bottleneck adapters), the message
+    ``merge`` raises; None for the methods that merge.
     """
 
     name: str
@@ -311,6 +313,7 @@ class Method:
     config_cls: type[AdapterConfig]
     layer_cls: type[AdapterLayer]
     make_shared: Callable[[AdapterConfig, dict[str, nn.Module]], nn.Module] | None = None
+    merge_refusal: str | None = None
 
 
 REGISTRY: dict[str, Method] = {}

@@ -125,10 +125,16 @@ class AdapterModel(nn.Module):
 
     def merge(self, names: list[str] | None = None) -> None:
         """Fold adapters ``names`` (default: the active ones) into the base weights."""
+        if not self.mergeable():
+            raise UserError(self.method.merge_refusal, where="merge")
         names = list(self.active_adapters if names is None else names)
         untie_adapted_head(self.model)  # merging into a head tied to the embeddings would move them
         for layer in self._layers():
             layer.merge(names)
+
+    def mergeable(self) -> bool:
+        """Whether the adapters' method has a merge rule (bottleneck adapters have none)."""
+        return self.method is None or self.method.merge_refusal is None
 
     def unmerge(self) -> None:
         for layer in self._layers():

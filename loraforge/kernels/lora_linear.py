@@ -80,6 +80,8 @@ def _frozen_bias(base: nn.Module) -> tuple[torch.Tensor | None, str]:
 def lora_spec(module: nn.Module) -> tuple[LoraSpec | None, str]:
     """``(spec, "")`` when ``module`` can run fused, else ``(None, reason)``."""
     if _is_base(module):
+        if getattr(getattr(module, "weight", None), "requires_grad", False):
+            return None, "a projection's weight is trained (the fused path computes no gradient for it)"
         bias, why = _frozen_bias(module)
         if why:
             return None, why

@@ -36,7 +36,8 @@ def _registry() -> dict[str, Any]:
 
 
 def registered_methods() -> list[str]:
-    return sorted(_registry())
+    """The adapter methods of the registry, and ``full`` (full fine-tuning, no adapter)."""
+    return sorted([*_registry(), "full"])
 
 
 def adapter_config(section: AdapterSection, quantization: QuantizationConfig | None = None,
@@ -51,7 +52,11 @@ def adapter_config(section: AdapterSection, quantization: QuantizationConfig | N
     ``init: loftq`` gives LoftQ's config (``adapter.loftq.*`` -> its ``loftq_*`` fields; bits and
     quantizer from ``quantization.type`` unless given; block size and double quantization from the
     quantization section; ``echo`` prints the per-layer errors).
+
+    ``method: full`` gives :class:`~loraforge.train.full.FullConfig`: it takes no adapter key.
     """
+    if section.method == "full":
+        return full_config(section)
     loftq = section.init == "loftq"
     method = _registry()["loftq" if loftq else section.method]
     accepted = {f.name for f in dataclasses.fields(method.config_cls)}
@@ -105,7 +110,36 @@ def adapter_config(section: AdapterSection, quantization: QuantizationConfig | N
     return method.config_cls(**kwargs)
 
 
-SUBSECTIONS = ("loftq", "adalora", "sora", "vera")
+def full_config(section: AdapterSection):
+    """Full fine-tuning's config; any adapter key changed from its default is an error (it trains
+    every weight: there is no rank, target or init to choose)."""
+    from loraforge.train.full import FullConfig
+
+    changed = _changed_keys(section, AdapterSection())
+    if changed:
+        key, value = changed[0]
+        raise UserError(f"does not apply to adapter method 'full' (it trains every weight of the model; "
+                        f"got {value!r})", where=f"adapter.{key}")
+    return FullConfig()
+
+
+def _changed_keys(section: Any, defaults: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every field of ``section`` (recursing into sub-sections) that
+    differs from ``defaults``, ``method`` aside."""
+    changed = []
+    for f in dataclasses.fields(section):
+        value, default = getattr(section, f.name), getattr(defaults, f.name)
+        key = prefix + f.metadata.get("key", f.name)
+        if f.name == "method" and not prefix:
+            continue
+        if dataclasses.is_dataclass(value):
+            changed += _changed_keys(value, default, key + ".")
+        elif value != default:
+            changed.append((key, value))
+    return changed
+
+
+SUBSECTIONS = ("loftq", "adalora", "sora", "vera", "bottleneck")
 # why a shared key does not apply to a method (AdaLoRA's own rank_pattern holds the allocator's
 # kept-triplet masks, not ranks, so the shared key must not reach it)
 NOT_APPLICABLE = {
@@ -117,6 +151,8 @@ NOT_APPLICABLE = {
 
 def adapter_key_applies(method: str, key: str) -> bool:
     """Whether ``adapter.<key>`` (a shared key or a method's sub-section) is taken by ``method``."""
+    if method == "full":
+        return False
     if key in SUBSECTIONS:
         return key in (method, "loftq")  # adapter.loftq goes with init: loftq, whatever the method
     if (method, key) in NOT_APPLICABLE:
@@ -130,9 +166,14 @@ def adapter_key_applies(method: str, key: str) -> bool:
 def attach_adapter(model, config: Config, echo: Callable[[str], None] | None = None):
     """Attach the configured adapter (name ``default``). With ``init: loftq`` the model must be
     full precision: LoftQ quantizes its targets while initialising the adapter, and the other
-    linear layers but the output head plainly (``loftq_attach``), echoing the errors."""
+    linear layers but the output head plainly (``loftq_attach``), echoing the errors. With
+    ``method: full`` the model itself is made trainable (:class:`~loraforge.train.full.FullModel`)."""
     from loraforge import adapters
 
+    if config.adapter.method == "full":
+        from loraforge.train.full import FullModel
+
+        return FullModel(model)
     adapter_cfg = adapter_config(config.adapter, config.quantization, echo)
     if config.adapter.init == "loftq":
         from loraforge.adapters.loftq import loftq_attach

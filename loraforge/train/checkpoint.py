@@ -2,7 +2,9 @@
 
 A checkpoint ``output_dir/checkpoints/step-000050/`` holds
 
-    adapter/            the adapter in PEFT's format (AdapterModel.save_pretrained)
+    adapter/            the adapter in PEFT's format (AdapterModel.save_pretrained); with
+                        ``adapter.method: full`` ``model/``, the whole model as a transformers
+                        folder (:mod:`loraforge.train.full`)
     trainer_state.pt    the trainable tensors exactly as trained, optimizer and scheduler state,
                         the adapter method's training state (AdaLoRA's importance averages and
                         rank mask; empty for most methods), RNG states (torch, cuda, python,
@@ -45,6 +47,8 @@ import torch
 from loraforge.errors import UserError
 from loraforge.files import describe_os_error, fsync_tree, os_error_in
 from loraforge.train.distributed import World, full_tensor
+from loraforge.train.full import EXPORT_NAME as FULL_EXPORT_NAME
+from loraforge.train.full import FullModel
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -125,19 +129,32 @@ def optimizer_state(optimizer, model, world: World) -> dict:
 
 
 def gathered_adapters(adapter_model) -> dict[str, dict[str, torch.Tensor]]:
-    """Each adapter's PEFT-keyed tensors, whole (FSDP shards gathered: call on every rank)."""
+    """Each adapter's PEFT-keyed tensors, whole (FSDP shards gathered: call on every rank).
+    A fully fine-tuned model has none: it is written from the live model (never sharded, as
+    fsdp trains adapters only)."""
     from loraforge.adapters.io import adapter_tensors
 
+    if isinstance(adapter_model, FullModel):
+        return {}
     return {name: {k: full_tensor(v) for k, v in adapter_tensors(adapter_model, name).items()}
             for name in adapter_model.configs}
 
 
 def write_adapters(adapter_model, directory: Path, adapters: dict[str, dict[str, torch.Tensor]]) -> None:
-    """PEFT's layout: ``default`` into ``directory``, other adapters into ``directory/<name>``."""
+    """PEFT's layout: ``default`` into ``directory``, other adapters into ``directory/<name>``;
+    a fully fine-tuned model as a transformers folder into ``directory``."""
     from loraforge.adapters.io import save_adapter as write
 
+    if isinstance(adapter_model, FullModel):
+        adapter_model.save_pretrained(directory)
+        return
     for name, tensors in adapters.items():
         write(adapter_model, name, Path(directory) if name == "default" else Path(directory) / name, tensors=tensors)
+
+
+def export_name(adapter_model) -> str:
+    """The checkpoint's subfolder holding what the run exports: ``adapter`` or ``model``."""
+    return FULL_EXPORT_NAME if isinstance(adapter_model, FullModel) else "adapter"
 
 
 def save_adapter(adapter_model, directory: Path, world: World = World()) -> None:
@@ -180,7 +197,7 @@ def write_checkpoint(output_dir: Path, name: str, adapter_model, adapters: dict,
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        write_adapters(adapter_model, tmp / "adapter", adapters)
+        write_adapters(adapter_model, tmp / export_name(adapter_model), adapters)
         with open(tmp / "trainer_state.pt", "wb") as f:
             torch.save(state, f)
         fsync_tree(tmp)

@@ -6,8 +6,11 @@ Schema (public names, see ``shared/design/interface.md``)::
     model: smollm2-135m-instruct        # HF folder | .gguf file | bnb-4bit folder | alias
     quantization: {type: nf4, double_quant: true, blocksize: 64}   # or null
     adapter: {method: lora, r: 16, alpha: 16, dropout: 0.0, targets: all-linear, ...
-              loftq: {...}, adalora: {...}, sora: {...}, vera: {...}}
+              loftq: {...}, adalora: {...}, sora: {...}, vera: {...}, bottleneck: {...}}
     # method: adalora | sora is one line (the loop drives their rank allocation / gate step);
+    # method: bottleneck adds Houlsby / Pfeiffer adapters (adapter.bottleneck: placement,
+    # reduction_factor | bottleneck_size, non_linearity, residual; adapter.dropout on its input);
+    # method: full trains every weight of a 16/32-bit base (quantization: null; no other adapter key)
     # init: loftq quantizes the base itself, with bits and code book from quantization.type
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
     data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
@@ -38,7 +41,7 @@ import yaml
 
 from loraforge.errors import UserError, check_choice, did_you_mean
 
-METHODS = ("lora", "dora", "vera", "adalora", "sora")
+METHODS = ("lora", "dora", "vera", "adalora", "sora", "bottleneck", "full")
 INITS = ("default", "gaussian", "pissa", "loftq")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -85,6 +88,15 @@ class VeraSection:
 
 
 @dataclass
+class BottleneckSection:
+    placement: str = "houlsby"  # houlsby: after attention and MLP; pfeiffer: after the MLP
+    reduction_factor: Union[int, None] = None  # None: 16, unless bottleneck_size is given
+    bottleneck_size: Union[int, None] = None
+    non_linearity: Union[str, None] = None  # None: swish (houlsby), relu (pfeiffer)
+    residual: bool = True
+
+
+@dataclass
 class AdapterSection:
     method: str = "lora"
     r: Union[int, None] = None  # None: 16 for the LoRA family, 256 for VeRA
@@ -102,6 +114,7 @@ class AdapterSection:
     adalora: AdaloraConfig = field(default_factory=AdaloraConfig)
     sora: SoraConfig = field(default_factory=SoraConfig)
     vera: VeraSection = field(default_factory=VeraSection)
+    bottleneck: BottleneckSection = field(default_factory=BottleneckSection)
 
 
 @dataclass
@@ -245,7 +258,8 @@ def _resolve_paths(raw: dict[str, Any], lines: dict[str, int], folder: Path | No
 def _drop_inapplicable_defaults(raw: dict[str, Any], lines: dict[str, int]) -> None:
     """When the user chose ``adapter.method`` on the command line, remove the defaults file's
     adapter keys that method does not take, and its ``r`` / ``alpha`` (tuned for the file's
-    method: the chosen one gets its own defaults, e.g. VeRA's r = 256)."""
+    method: the chosen one gets its own defaults, e.g. VeRA's r = 256); for ``full`` also its
+    quantization, unless given on the command line."""
     adapter = raw.get("adapter")
     if lines.get("adapter.method") != -1 or not isinstance(adapter, dict):
         return
@@ -258,6 +272,8 @@ def _drop_inapplicable_defaults(raw: dict[str, Any], lines: dict[str, int]) -> N
         from_file = lines.get(f"adapter.{key}", -1) != -1
         if from_file and key != "method" and (key in ("r", "alpha") or not adapter_key_applies(method, key)):
             del adapter[key]
+    if method == "full" and lines.get("quantization") != -1:
+        raw["quantization"] = None  # the file's 4-bit base cannot be fully fine-tuned
 
 
 class _Where:
@@ -496,6 +512,11 @@ def _check_config(c: Config, where: _Where) -> None:
              "quantization.blocksize", f"expected a power of two in 32..4096, got {q.blocksize}")
 
     a = c.adapter
+    if a.method == "full" and c.quantization is not None:
+        raise UserError(f"full fine-tuning trains every weight, which a {c.quantization.type} base holds as "
+                        "quantized codes, not trainable weights: set quantization: null (a 16/32-bit base), or "
+                        "train an adapter (e.g. adapter.method: lora) on the quantized base",
+                        where=where("quantization.type" if "quantization.type" in where.lines else "adapter.method"))
     need(a.method != "loftq", "adapter.method",
          "loftq is an initialisation of a LoRA adapter, not a method: use adapter.init: loftq "
          "(with adapter.method: lora)")
@@ -522,6 +543,15 @@ def _check_config(c: Config, where: _Where) -> None:
         need(0.0 <= getattr(ad, key) < 1.0, f"adapter.adalora.{key}", "expected a value in [0, 1)")
     need(a.sora.lambda_ >= 0, "adapter.sora.lambda", "expected lambda >= 0")
     need(a.vera.d_initial >= 0, "adapter.vera.d_initial", "expected a number >= 0")
+    bn = a.bottleneck
+    from loraforge.adapters.bottleneck import PLACEMENTS
+
+    choice(bn.placement, tuple(PLACEMENTS), "adapter.bottleneck.placement", "bottleneck placement")
+    for key in ("reduction_factor", "bottleneck_size"):
+        need(getattr(bn, key) is None or getattr(bn, key) > 0, f"adapter.bottleneck.{key}",
+             f"expected a positive integer, got {getattr(bn, key)}")
+    need(bn.reduction_factor is None or bn.bottleneck_size is None, "adapter.bottleneck.bottleneck_size",
+         "give adapter.bottleneck.reduction_factor or bottleneck_size, not both")
     if a.init == "loftq" and c.quantization is None:
         raise UserError("init: loftq initialises against a quantized base; set quantization.type "
                         "(e.g. nf4, nf2 or int4)", where=where("adapter.init"))
@@ -559,12 +589,12 @@ def _check_config(c: Config, where: _Where) -> None:
         need(value == "auto", "train.gradient_checkpointing",
              f"expected true, false or auto, got {value!r}{did_you_mean(value, ['auto'])}")
     if t.distributed is not None:
-        from loraforge.train.distributed import FSDP_METHODS, MODES
+        from loraforge.train.distributed import FSDP_METHODS, FSDP_REFUSALS, MODES
 
         choice(t.distributed, MODES, "train.distributed", "distributed mode")
+        why = FSDP_REFUSALS.get(a.method, f"{a.method}'s step between optimizer steps reads whole (unsharded) tensors")
         need(t.distributed != "fsdp" or a.method in FSDP_METHODS, "train.distributed",
-             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {a.method}'s step between optimizer steps "
-             "reads whole (unsharded) tensors: use train.distributed: ddp")
+             f"fsdp trains {' and '.join(FSDP_METHODS)} adapters; {why}: use train.distributed: ddp")
         need(t.distributed != "fsdp" or t.optimizer == "adamw", "train.distributed",
              f"fsdp trains with optimizer adamw; {t.optimizer} is not built for sharded (DTensor) parameters: "
              "use train.distributed: ddp")

@@ -53,7 +53,11 @@ def heldout_rows(path: Path = HELDOUT) -> list[dict]:
 
 @contextlib.contextmanager
 def merged(model):
-    """The adapter folded into dense weights for the duration of the block."""
+    """The adapter folded into dense weights for the duration of the block; a model without a
+    merge rule (bottleneck adapters, a fully fine-tuned model) runs as it is."""
+    if not getattr(model, "mergeable", lambda: False)():
+        yield model
+        return
     model.merge()
     try:
         yield model
@@ -127,7 +131,7 @@ def run_demo(config: Config | None = None, console: Console | None = None) -> in
     scores["after"] = show(console, "after training", rows, answers)
     console.print(
         f"[bold]demo[/]: held-out {scores['before']}/{len(rows)} before -> {scores['after']}/{len(rows)} after, "
-        f"{time.perf_counter() - started:.0f} s in all. Adapter: {result.output_dir}/adapter_model.safetensors; "
+        f"{time.perf_counter() - started:.0f} s in all. Output: {result.output_dir}; "
         f"plot: {result.output_dir}/loss_curve.png"
     )
     return 0

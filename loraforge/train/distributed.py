@@ -36,6 +36,11 @@ import torch.distributed as dist
 
 MODES = ("ddp", "fsdp")
 FSDP_METHODS = ("lora", "dora")  # AdaLoRA's allocator and SoRA's gate step need whole tensors
+# why a method is not trained under fsdp (the default reason: its step between optimizer steps)
+FSDP_REFUSALS = {
+    "full": "full fine-tuning saves its model and checkpoints from the whole, unsharded model",
+    "bottleneck": "bottleneck adapters have not been set up for sharding",
+}
 TIMEOUT = datetime.timedelta(minutes=10)
 
 

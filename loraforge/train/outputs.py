@@ -17,7 +17,9 @@ from loraforge.train.logging import LOG_NAME, PLOT_NAME
 
 # Files a run writes into output_dir (``overwrite: true`` removes exactly these).
 RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base")
+             LOG_NAME, PLOT_NAME, "checkpoints", "tensorboard", "base",
+             # adapter.method: full writes a transformers model folder
+             "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def check_output_dir(config: Config) -> None:

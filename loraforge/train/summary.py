@@ -30,10 +30,17 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 def describe_method(a: AdapterSection, config: Config) -> str:
     """``lora r=16 alpha=16``, ``adalora init_r=12 -> target_r=8 alpha=8``, ... with the init."""
+    if a.method == "full":
+        return "full  (every weight trained, no adapter)"
     if a.method == "adalora":
         text = f"adalora  init_r={a.adalora.init_r} -> target_r={a.adalora.target_r} alpha={resolved_alpha(a):g}"
     elif a.method == "vera":
         text = f"vera  r={resolved_rank(a)}"
+    elif a.method == "bottleneck":
+        bn = a.bottleneck
+        size = f"size {bn.bottleneck_size}" if bn.bottleneck_size else f"reduction {bn.reduction_factor or 16}"
+        text = (f"bottleneck  {bn.placement}, {size}, {bn.non_linearity or 'default non-linearity'}"
+                f"{'' if bn.residual else ', no residual'}")
     else:
         text = f"{a.method}  r={resolved_rank(a)} alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
     if a.method == "sora":
@@ -103,7 +110,8 @@ def finish(result, config: Config, optimizer, log: RunLog, device, adapters: dic
         last = latest_checkpoint(out)
         kept = (f"the checkpoint {last} is intact: free some space and run again with --resume to save it"
                 if last else "no checkpoint was saved (train.save_every)")
-        raise UserError(f"could not write the trained adapter: {describe_os_error(err)}; {kept}",
+        what = "model" if config.adapter.method == "full" else "adapter"
+        raise UserError(f"could not write the trained {what}: {describe_os_error(err)}; {kept}",
                         where=str(out)) from None
     base = save_loftq_base(result, out / "base") if config.adapter.init == "loftq" else None
     plot = plot_losses(out)
@@ -117,7 +125,8 @@ def finish(result, config: Config, optimizer, log: RunLog, device, adapters: dic
         lines.append(f"eval loss {result.eval_loss:.4f}, perplexity {math.exp(min(result.eval_loss, 50)):.2f}")
     lines.append(f"peak memory {human_bytes(peak_memory_bytes(device))}, optimizer state "
                  f"{human_bytes(optimizer_state_bytes(optimizer))}")
-    lines.append(f"adapter: {out / 'adapter_model.safetensors'}")
+    full = config.adapter.method == "full"
+    lines.append(f"model (transformers folder): {out}" if full else f"adapter: {out / 'adapter_model.safetensors'}")
     if base is not None:
         lines.append(f"quantized base (LoftQ): {base}")
     lines.append(f"log: {out / LOG_NAME}")
@@ -137,6 +146,9 @@ def write_model_card(out: Path, config: Config, result) -> None:
     a, t = config.adapter, config.train
     q = config.quantization
     loftq = a.init == "loftq"
+    if a.method == "full":
+        write_full_model_card(out, config, result)
+        return
     if loftq:
         base_line = (f"`{config.model}`, quantized to {q.type} by LoftQ; the adapter was trained on that quantized "
                      f"base, saved in `base/` (use it, not a fresh quantization of the model)")
@@ -144,8 +156,11 @@ def write_model_card(out: Path, config: Config, result) -> None:
                f"bitsandbytes folder, other types loraforge's k-bit folder).")
     else:
         base_line = f"`{config.model}`{f' (quantized to {q.type} for training)' if q else ''}"
-        use = (f"Use it: `loraforge generate {config.model} --adapter {out} --prompt \"...\"`, or with PEFT:\n"
-               f"`PeftModel.from_pretrained(base_model, \"{out}\")`.")
+        use = f"Use it: `loraforge generate {config.model} --adapter {out} --prompt \"...\"`"
+        use += (" (PEFT has no bottleneck adapters: load it with loraforge.adapters.load_adapter; it cannot be "
+                "merged)." if a.method == "bottleneck" else
+                f", or with PEFT:\n`PeftModel.from_pretrained(base_model, \"{out}\")`.")
+    fmt = "PEFT's layout, peft_type BOTTLENECK" if a.method == "bottleneck" else "PEFT format"
     text = f"""# Adapter trained with loraforge
 
 - base model: {base_line}
@@ -154,9 +169,28 @@ def write_model_card(out: Path, config: Config, result) -> None:
 - training: {result.steps} steps, batch {t.batch_size} x {t.grad_accum}, lr {t.lr:g} ({t.schedule}), optimizer {t.optimizer}, seed {t.seed}
 - final train loss: {result.losses[-1] if result.losses else float("nan"):.4f}{"" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f}"}
 
-Files: `adapter_config.json` + `adapter_model.safetensors` (PEFT format), the tokenizer with its
+Files: `adapter_config.json` + `adapter_model.safetensors` ({fmt}), the tokenizer with its
 chat template, `config.yaml` (the exact configuration), `{LOG_NAME}` and `{PLOT_NAME}`.
 
 {use}
+"""
+    (out / "README.md").write_text(text, encoding="utf-8")
+
+
+def write_full_model_card(out: Path, config: Config, result) -> None:
+    """The model card of a fully fine-tuned model (a transformers folder, not an adapter)."""
+    t = config.train
+    text = f"""# Model fully fine-tuned with loraforge
+
+- base model: `{config.model}`; every weight trained (adapter.method: full)
+- data: `{config.data.train}` ({config.data.format} format, max_length {config.data.max_length})
+- training: {result.steps} steps, batch {t.batch_size} x {t.grad_accum}, lr {t.lr:g} ({t.schedule}), optimizer {t.optimizer}, seed {t.seed}
+- final train loss: {result.losses[-1] if result.losses else float("nan"):.4f}{"" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f}"}
+
+Files: a transformers model folder (`config.json`, `model.safetensors`), the tokenizer with its
+chat template, `config.yaml` (the exact configuration), `{LOG_NAME}` and `{PLOT_NAME}`.
+
+Use it: `loraforge generate {out} --prompt "..."`, or
+`AutoModelForCausalLM.from_pretrained("{out}")`.
 """
     (out / "README.md").write_text(text, encoding="utf-8")
