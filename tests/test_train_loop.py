@@ -17,7 +17,7 @@ from loraforge.cli import main
 from loraforge.errors import UserError
 from loraforge.train.config import load_config
 from loraforge.train.logging import RunLog
-from loraforge.train.loop import train
+from loraforge.train.loop import pad_token_id, train
 
 from helpers_train import log_rows, smollm2_tokenizer, tiny_model, use_tiny_model, write_chat_data
 
@@ -169,3 +169,39 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path, capsys):
     assert main(["train", str(cfg), "train.lr=-1"]) == 2 and not out.exists()
     assert main(["train", str(cfg), "adapter.lr=1"]) == 2
     assert "did you mean train.lr?" in capsys.readouterr().err
+
+
+def test_eval_choice_logs_choice_accuracy_during_training(tmp_path, monkeypatch, tokenizer, capsys):
+    """``data.eval_choice``: accuracy at every evaluation, in the JSONL, the console and the final
+    line; the last value equals the scorer run afresh on the saved adapter (loaded from disk)."""
+    from loraforge.adapters import load_adapter
+    from loraforge.infer.choice import choice_accuracy, read_choice_rows
+
+    data = write_chat_data(tmp_path / "d.jsonl", n=8)
+    mmlu = tmp_path / "mmlu.jsonl"
+    rows = [{"question": f"Which word comes first: {a} or {b}?", "choices": [a, b, "both", "neither"], "answer": k % 4,
+             "subject": "order"} for k, (a, b) in enumerate([("apple", "river"), ("stone", "cloud"), ("tiger", "paper")])]
+    mmlu.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    use_tiny_model(monkeypatch, tokenizer)
+    out = tmp_path / "run"
+    config = load_config(None, [f"data.train={data}", f"data.eval_choice={mmlu}", "quantization=null", "adapter.r=4",
+                                "train.steps=2", "train.batch_size=4", "train.eval_every=1", "train.lr=1e-2",
+                                "train.save_every=0", f"output_dir={out}"])
+    result = train(config)
+    logged = [r for r in log_rows(out) if "choice_accuracy" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert all(r["choice_total"] == 3 and r["choice_accuracy"] == r["choice_correct"] / 3 for r in logged)
+    assert "choice accuracy @ step 2" in capsys.readouterr().out
+    fresh = load_adapter(tiny_model(tokenizer), out)
+    again = choice_accuracy(fresh, tokenizer, read_choice_rows(mmlu), pad_id=pad_token_id(tokenizer))
+    assert result.choice_accuracy == logged[-1]["choice_accuracy"] == again.correct / 3
+
+
+def test_a_bad_eval_choice_file_fails_before_the_model_loads(tmp_path, monkeypatch, tokenizer):
+    data = write_chat_data(tmp_path / "d.jsonl", n=4)
+    bad = tmp_path / "mmlu.jsonl"
+    bad.write_text(json.dumps({"question": "q?", "choices": ["a"], "answer": 0}) + "\n")
+    calls = use_tiny_model(monkeypatch, tokenizer)
+    assert main(["train", f"data.train={data}", f"data.eval_choice={bad}", "quantization=null",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert calls == [] and not (tmp_path / "run").exists()

@@ -204,11 +204,22 @@ def check_data_file(config: Config, key: str) -> str:
     from pathlib import Path
 
     path = getattr(config.data, key.split(".", 1)[1])
+    if path is None:
+        raise UserError("expected a file path", where=key)
     if not Path(path).is_file():
         written, folder = config.written_paths.get(key, (path, str(Path.cwd())))
         what = "is a folder, not a data file" if Path(path).is_dir() else "not found"
         raise UserError(f"data file {written!r} {what} (looked for in {folder})", where=key)
     return path
+
+
+def read_choice_items(config: Config) -> list:
+    """The ``data.eval_choice`` rows (MMLU layout, see ``loraforge.infer.choice``), or []."""
+    if not config.data.eval_choice:
+        return []
+    from loraforge.infer.choice import read_choice_rows
+
+    return read_choice_rows(check_data_file(config, "data.eval_choice"))
 
 
 def read_records(config: Config) -> tuple[list[dict], list[dict]]:

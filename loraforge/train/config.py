@@ -13,7 +13,7 @@ Schema (public names, see ``shared/design/interface.md``)::
     # method: full trains every weight of a 16/32-bit base (quantization: null; no other adapter key)
     # init: loftq quantizes the base itself, with bits and code book from quantization.type
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
-    data: {train, eval, eval_fraction, format, template, max_length, train_on_prompt, packing}
+    data: {train, eval, eval_fraction, eval_choice, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
             max_grad_norm, weight_decay, seed, gradient_checkpointing, kernels, eval_every,
             save_every, keep_last, distributed}   # distributed: ddp | fsdp (torchrun, > 1 process)
@@ -122,6 +122,7 @@ class DataSection:
     train: Union[str, None] = None
     eval: Union[str, None] = None
     eval_fraction: float = 0.0
+    eval_choice: Union[str, None] = None  # MMLU-layout rows: choice accuracy logged beside eval loss
     format: str = "auto"
     template: str = "auto"
     max_length: int = 512
@@ -169,7 +170,7 @@ NOT_KEYS = {"source", "written_paths"}
 # Keys holding paths: relative ones in a config file resolve against the file's folder, relative
 # ones on the command line against the current directory. ``model`` only when that path exists
 # (otherwise it is an alias or a hub-style name).
-PATH_KEYS = ("data.train", "data.eval", "output_dir", "model")
+PATH_KEYS = ("data.train", "data.eval", "data.eval_choice", "output_dir", "model")
 
 
 def to_dict(config: Any) -> Any:

@@ -30,6 +30,7 @@ def dry_run(config: Config, *, show: int = 3, console: Console | None = None) ->
     console = console or Console(highlight=False, soft_wrap=True)
     check_output_dir(config)
     train_records, eval_records = build.read_records(config)
+    choice_items = build.read_choice_items(config)
     tokenizer = models.load_tokenizer_for(config.model)
     train_set, stats = build.tokenize(train_records, tokenizer, config, source=str(config.data.train),
                                       pack=False)
@@ -47,6 +48,9 @@ def dry_run(config: Config, *, show: int = 3, console: Console | None = None) ->
     console.print(stats.summary(), markup=False)
     if eval_stats is not None:
         console.print(eval_stats.summary(), markup=False)
+    if choice_items:
+        console.print(f"{config.data.eval_choice}: {len(choice_items)} multiple-choice rows (choice accuracy at "
+                      "each evaluation)", markup=False)
     if config.data.packing:
         console.print(f"packing: {len(train_set)} examples -> {rows} rows of up to {config.data.max_length} tokens",
                       markup=False)

@@ -137,6 +137,11 @@ class RunLog:
         self._write({"step": step, "eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens})
         self.console.print(f"  eval @ step {step}: loss {loss:.4f}  perplexity {ppl:.2f}  ({tokens} tokens)")
 
+    def choice(self, *, step: int, accuracy: float, correct: int, total: int) -> None:
+        """Multiple-choice accuracy on ``data.eval_choice``."""
+        self._write({"step": step, "choice_accuracy": accuracy, "choice_correct": correct, "choice_total": total})
+        self.console.print(f"  choice accuracy @ step {step}: {accuracy:.1%}  ({correct}/{total})")
+
     def record(self, row: dict[str, Any]) -> None:
         """A row of other numbers (e.g. LoftQ's errors at step 0) for the JSONL and TensorBoard."""
         self._write(row)
@@ -157,6 +162,7 @@ class SilentLog:
     def note(self, message: str) -> None: ...
     def step(self, **row) -> None: ...
     def eval(self, **row) -> None: ...
+    def choice(self, **row) -> None: ...
     def record(self, row) -> None: ...
     def close(self) -> None: ...
     def elapsed(self) -> float:
@@ -208,7 +214,16 @@ def plot_losses(output_dir: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per trained token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    choice = [(r["step"], r["choice_accuracy"]) for r in rows if "choice_accuracy" in r]
+    if choice:  # data.eval_choice: accuracy on its own axis
+        acc = ax.twinx()
+        acc.plot(*zip(*choice), "s--", color="tab:green", label="choice accuracy", linewidth=1.2)
+        acc.set_ylabel("choice accuracy")
+        acc.set_ylim(0, 1)
+        more_handles, more_labels = acc.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
     fig.tight_layout()
     out = Path(output_dir) / PLOT_NAME
     fig.savefig(out)

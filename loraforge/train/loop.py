@@ -85,6 +85,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # train loss of every step run here
     eval_loss: float | None = None
+    choice_accuracy: float | None = None  # on data.eval_choice, at the last evaluation
     interrupted: bool = False
 
 
@@ -101,6 +102,7 @@ class Run:
     tokenizer: object
     train_set: list[dict]
     eval_set: list[dict]
+    choice_items: list  # data.eval_choice rows (loraforge.infer.choice.ChoiceItem)
     params: list[torch.Tensor]  # the trainable ones
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -135,11 +137,11 @@ def train(config: Config, *, on_start: Callable | None = None, console=None) -> 
 
 
 # --------------------------------------------------------------------------- setup
-def read_inputs(config: Config) -> tuple[list[dict], list[dict]]:
-    """Check output_dir (another run there, or not writable) and read the data files: a malformed
-    row fails before the model loads or anything is written."""
+def read_inputs(config: Config) -> tuple[list[dict], list[dict], list]:
+    """Check output_dir (another run there, or not writable) and read the data files (train, eval,
+    ``data.eval_choice``): a malformed row fails before the model loads or anything is written."""
     check_output_dir(config)
-    return build.read_records(config)
+    return (*build.read_records(config), build.read_choice_items(config))
 
 
 def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], console) -> Run:
@@ -148,7 +150,7 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     seed_everything(t.seed)  # the same on every rank: the same adapter initialisation
     device = distributed.device_of(world)
     model, tokenizer = build.load_base(config, device=str(device))
-    train_records, eval_records = records
+    train_records, eval_records, choice_items = records
     train_set, train_stats = build.tokenize(train_records, tokenizer, config, source=str(config.data.train))
     eval_set = []
     if eval_records:
@@ -207,7 +209,7 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
         log.note(f"resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
     result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
     return Run(config=config, world=world, device=device, amp=autocast_context(device), model=adapter_model,
-               engine=engine, tokenizer=tokenizer, train_set=train_set, eval_set=eval_set, params=params,
+               engine=engine, tokenizer=tokenizer, train_set=train_set, eval_set=eval_set, choice_items=choice_items, params=params,
                optimizer=optimizer, scheduler=scheduler, hooks=hooks, sampler=sampler, n_steps=n_steps,
                pad_id=pad_token_id(tokenizer), log=log, result=result)
 
@@ -232,8 +234,8 @@ def fit(run: Run) -> None:
     with run.log, stop:
         while run.sampler.position.step < run.n_steps:
             step = train_step(run)
-            if run.eval_set and t.eval_every and step % t.eval_every == 0 and step < run.n_steps:
-                result.eval_loss = evaluate_run(run, step)
+            if t.eval_every and step % t.eval_every == 0 and step < run.n_steps:
+                evaluate_run(run, step)
             if t.save_every and step % t.save_every == 0:
                 save_state(run)
             if run.world.sum([float(stop.requested)])[0] > 0:  # any rank's Ctrl-C stops all
@@ -241,8 +243,7 @@ def fit(run: Run) -> None:
                 run.log.note(f"interrupted: saved {path}; continue with --resume")
                 result.interrupted = True
                 raise KeyboardInterrupt
-        if run.eval_set:
-            result.eval_loss = evaluate_run(run, result.steps)
+        evaluate_run(run, result.steps)
     for line in run.hooks.finish():
         run.log.note(line)
     run.model.eval()
@@ -285,9 +286,30 @@ def save_state(run: Run) -> Path:
                            keep_last=run.config.train.keep_last, world=run.world)
 
 
-def evaluate_run(run: Run, step: int) -> float:
-    return evaluate(run.model, run.eval_set, run.config.train.batch_size, run.pad_id, run.device, run.amp, run.log,
-                    step, world=run.world)
+def evaluate_run(run: Run, step: int) -> None:
+    """Eval loss on ``data.eval`` and choice accuracy on ``data.eval_choice``, whichever are given."""
+    if run.eval_set:
+        run.result.eval_loss = evaluate(run.model, run.eval_set, run.config.train.batch_size, run.pad_id, run.device,
+                                        run.amp, run.log, step, world=run.world)
+    if run.choice_items:
+        run.result.choice_accuracy = evaluate_choice(run, step)
+
+
+@torch.no_grad()
+def evaluate_choice(run: Run, step: int) -> float:
+    """Multiple-choice accuracy (the answer letter's log-likelihood after MMLU's prompt, as QLoRA's
+    ``--do_mmlu_eval``), computed by every rank alike (FSDP needs all of them in each forward)."""
+    from loraforge.infer.choice import choice_accuracy
+
+    was_training = run.model.training
+    run.model.eval()
+    with run.amp:
+        result = choice_accuracy(run.model, run.tokenizer, run.choice_items, pad_id=run.pad_id,
+                                 batch_size=run.config.train.batch_size)
+    run.model.train(was_training)
+    accuracy = result.correct / max(result.total, 1)
+    run.log.choice(step=step, accuracy=accuracy, correct=result.correct, total=result.total)
+    return accuracy
 
 
 # --------------------------------------------------------------------------- save

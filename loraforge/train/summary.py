@@ -123,6 +123,8 @@ def finish(result, config: Config, optimizer, log: RunLog, device, adapters: dic
     ]
     if result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}, perplexity {math.exp(min(result.eval_loss, 50)):.2f}")
+    if result.choice_accuracy is not None:
+        lines.append(f"choice accuracy {result.choice_accuracy:.1%} on {config.data.eval_choice}")
     lines.append(f"peak memory {human_bytes(peak_memory_bytes(device))}, optimizer state "
                  f"{human_bytes(optimizer_state_bytes(optimizer))}")
     full = config.adapter.method == "full"
