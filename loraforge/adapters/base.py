@@ -104,9 +104,14 @@ class AdapterLayer(nn.Module):
         """Adapter ``name``'s tensors keyed by PEFT's on-disk suffix (e.g. ``lora_A.weight``)."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Copy ``tensors`` (keyed as :meth:`peft_tensors`) into adapter ``name``."""
-        raise NotImplementedError
+        """Copy ``tensors`` (keyed as :meth:`peft_tensors`) into adapter ``name``, each shape checked."""
+        for suffix, param in self.peft_tensors(name).items():
+            if tensors[suffix].shape != param.shape:
+                raise UserError(f"shape {tuple(tensors[suffix].shape)} does not match the model's "
+                                f"{tuple(param.shape)}", where=f"{where}.{suffix}")
+            param.copy_(tensors[suffix])
 
     def merge_weight(self, name: str, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         """The weight after merging ``name`` into ``weight``; ``base_weight`` is the unmerged

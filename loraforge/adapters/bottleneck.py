@@ -161,14 +161,6 @@ class BottleneckLayer(AdapterLayer):
         return {"adapter_down.weight": down.weight, "adapter_down.bias": down.bias,
                 "adapter_up.weight": up.weight, "adapter_up.bias": up.bias}
 
-    @torch.no_grad()
-    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        for suffix, param in self.peft_tensors(name).items():
-            if tensors[suffix].shape != param.shape:
-                raise UserError(f"shape {tuple(tensors[suffix].shape)} does not match the model's "
-                                f"{tuple(param.shape)}", where=f"{where}.{suffix}")
-            param.copy_(tensors[suffix])
-
 
 register(Method(name="bottleneck", peft_type="BOTTLENECK", config_cls=BottleneckConfig, layer_cls=BottleneckLayer,
                 merge_refusal=NO_MERGE))

@@ -168,14 +168,6 @@ class VeraLayer(AdapterLayer):
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {"vera_lambda_b": self.vera_lambda_b[name], "vera_lambda_d": self.vera_lambda_d[name]}
 
-    @torch.no_grad()
-    def load_peft_tensors(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        for suffix, param in self.peft_tensors(name).items():
-            if tensors[suffix].shape != param.shape:
-                raise UserError(f"shape {tuple(tensors[suffix].shape)} does not match the model's "
-                                f"{tuple(param.shape)}", where=f"{where}.{suffix}")
-            param.copy_(tensors[suffix])
-
 
 register(Method(name="vera", peft_type="VERA", config_cls=VeraConfig, layer_cls=VeraLayer,
                 make_shared=make_projections))
