@@ -70,5 +70,22 @@ def write_segment_data(path: Path, n: int = 16) -> Path:
     return path
 
 
+def interrupt_after(monkeypatch, at_step: int) -> None:
+    """Send this process a SIGINT (a Ctrl-C) right after optimizer step ``at_step`` is logged."""
+    import os
+    import signal
+
+    from loraforge.train.logging import RunLog
+
+    original = RunLog.step
+
+    def step(self, **kw):
+        original(self, **kw)
+        if kw["step"] == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(RunLog, "step", step)
+
+
 def log_rows(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -20,11 +18,10 @@ import loraforge.train.checkpoint as checkpoint
 from loraforge.errors import UserError
 from loraforge.train.config import load_config
 from loraforge.train.full import FullModel
-from loraforge.train.logging import RunLog
 from loraforge.train.loop import train
 
 from helpers_methods import make_tiny_tokenizer
-from helpers_train import log_rows, tiny_model, write_segment_data
+from helpers_train import interrupt_after, log_rows, tiny_model, write_segment_data
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
@@ -120,17 +117,6 @@ def test_full_refuses_a_quantized_base_and_adapter_keys(tmp_path, tokenizer):
     assert demo.quantization is None and demo.adapter.r is None
     with pytest.raises(UserError, match="quantized layers.*16/32-bit base"):
         FullModel(quantize_model(tiny_model(tokenizer), "nf4"))
-
-
-def interrupt_after(monkeypatch, at_step: int):
-    original = RunLog.step
-
-    def step(self, **kw):
-        original(self, **kw)
-        if kw["step"] == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(RunLog, "step", step)
 
 
 def test_full_resume_continues_bit_for_bit(tmp_path, tokenizer, loads, monkeypatch):

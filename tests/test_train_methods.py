@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
-import signal
 
 import pytest
 import torch
@@ -24,12 +22,11 @@ from loraforge.errors import UserError
 from loraforge.train.batches import epoch_order
 from loraforge.train.build import adapter_config
 from loraforge.train.config import load_config
-from loraforge.train.logging import RunLog
 from loraforge.train.loop import param_groups, train
 
 from conftest import tiny_llama_config
 from helpers_methods import make_tiny_tokenizer
-from helpers_train import log_rows
+from helpers_train import interrupt_after, log_rows
 
 N_LAYERS = 14  # all-linear on the 2-layer tiny Llama: q, k, v, o, gate, up, down per layer
 
@@ -180,17 +177,6 @@ def test_adalora_step_gradient_is_token_mean_loss_plus_weighted_regulariser_once
     assert len(captured[0]) == len(reference["grads"])
     for got, want in zip(captured[0], reference["grads"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-
-
-def interrupt_after(monkeypatch, at_step: int):
-    original = RunLog.step
-
-    def step(self, **kw):
-        original(self, **kw)
-        if kw["step"] == at_step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(RunLog, "step", step)
 
 
 def test_adalora_resume_continues_bit_for_bit(tmp_path, tokenizer, loads, monkeypatch):
