@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("loraforge.infer.eval_command", "perplexity, accuracy or multiple-choice accuracy of a model (and adapter); --compare"),
     "serve": ("loraforge.infer.serve_command", "an OpenAI-compatible server: one base, many adapters picked per request"),
     "judge": ("loraforge.infer.judge_command", "a judged pairwise tournament of answer files: win/tie/loss and Elo"),
+    "webui": ("loraforge.webui.command", "a web UI (Gradio): configure, train, watch, chat and export in the browser"),
     "env": ("loraforge.environment", "versions, device, threads and cache: the facts a bug report needs"),
 }
 

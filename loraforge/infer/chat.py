@@ -61,8 +61,7 @@ def chat_loop(model, tokenizer, template: str, settings: GenerationSettings, lin
             write(HELP + "\n")
         elif text.strip():
             history.append({"role": "user", "content": text})
-            ids = _fit(history, tokenizer, template, limit, settings.max_new_tokens, len(base))
-            (ids,), notice = fit_context([ids], limit, settings.max_new_tokens, what="conversation")
+            ids, notice = turn_ids(history, tokenizer, template, limit, settings.max_new_tokens, len(base))
             if notice:
                 write(f"({notice})\n")
             streamer = stream_writer(tokenizer, write)
@@ -75,6 +74,16 @@ def chat_loop(model, tokenizer, template: str, settings: GenerationSettings, lin
         if prompt_marker:
             prompt_marker()
     return history
+
+
+def turn_ids(history: list[dict], tokenizer, template: str, limit: int | None, new_tokens: int,
+             keep: int = 0) -> tuple[list[int], str | None]:
+    """(prompt ids of the conversation ``history``, a note when it was cut): the oldest exchanges
+    go first (``history`` is shortened in place), then a single message still too long is cut
+    from the left. The terminal chat and the web UI's chat build every turn with it."""
+    ids = _fit(history, tokenizer, template, limit, new_tokens, keep)
+    (ids,), notice = fit_context([ids], limit, new_tokens, what="conversation")
+    return ids, notice
 
 
 def _fit(history: list[dict], tokenizer, template: str, limit: int | None, new_tokens: int, keep: int) -> list[int]:

@@ -196,17 +196,26 @@ def read_log(path: Path) -> list[dict]:
 
 def plot_losses(output_dir: Path) -> Path | None:
     """Train (and eval) loss against step as a PNG; None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    fig = loss_figure(read_log(Path(output_dir) / LOG_NAME))
+    if fig is None:
+        return None
+    out = Path(output_dir) / PLOT_NAME
+    fig.savefig(out)
+    return out
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+
+def loss_figure(rows: list[dict]):
+    """The matplotlib figure of a run's JSONL ``rows``: train and eval loss against step, choice
+    accuracy on its own axis; None when matplotlib is not installed. A bare ``Figure`` (no
+    pyplot state), so the web UI can draw it live from any thread."""
+    try:
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    rows = read_log(Path(output_dir) / LOG_NAME)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
@@ -225,7 +234,4 @@ def plot_losses(output_dir: Path) -> Path | None:
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels)
     fig.tight_layout()
-    out = Path(output_dir) / PLOT_NAME
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig

@@ -1,0 +1,298 @@
+"""The Gradio app: Train, Chat and Export tabs, each a thin layer over the library.
+
+- Train: the form of ``form.py`` (one control per schema key, an error line under each), an
+  upload that fills ``data.train``, the resolved YAML with a download, the dry run's masking
+  preview (``loraforge.train.dry_run``), Start / Stop / Resume of ``runs.py``'s subprocesses, and
+  a one-second timer that reads the run's JSONL log into the progress line and the loss plot
+  (``loraforge.train.logging.loss_figure``).
+- Chat: the base and base + adapter side by side on the same conversation (``compare.py``).
+- Export: ``loraforge merge`` with its own options (``export.py``).
+
+Element ids (``field-adapter-r``, ``field-adapter-r-error``, ``run-progress``, ...) are stable:
+the browser test finds controls by them.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+from loraforge.errors import UserError
+from loraforge.webui.compare import Compare
+from loraforge.webui.export import merge_argv, option_specs, run_merge
+from loraforge.webui.form import FORM_KEYS, Field, check_form, default_of, error_key, form_fields, form_paths
+from loraforge.webui.runs import Runs, progress
+
+SECTIONS = (("Model", ("model", "quantization")), ("Data", ("data",)), ("Adapter", ("adapter",)),
+            ("Training", ("train",)), ("Output", ("output_dir", "overwrite")))
+DATA_TYPES = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
+DEFAULT = "(default)"  # an Export option left to loraforge merge's own default
+CSS = ".field-error p { color: #c62828; font-weight: 600; margin: 0 0 8px 0; }"
+
+
+def message_of(err: UserError, key: str | None) -> str:
+    """The CLI's message (``where: message``), with a form key for the command-line wording."""
+    if err.where and err.where.startswith("command-line override "):
+        return f"{err.where.removeprefix('command-line override ')}: {err.message}"
+    return str(err)
+
+
+def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
+    fields = form_fields()
+    workdir = Path(workdir)
+    with gr.Blocks(title="loraforge") as app:
+        gr.Markdown("## loraforge: fine-tune, watch, chat, export")
+        with gr.Tab("Train"):
+            controls, errors = {}, {}
+            with gr.Row():
+                for title, prefixes in SECTIONS:
+                    with gr.Column(min_width=220):
+                        gr.Markdown(f"**{title}**")
+                        for f in fields:
+                            if f.key.split(".")[0] in prefixes or f.key in prefixes:
+                                controls[f.key] = _control(gr, f)
+                                errors[f.key] = gr.Markdown(visible=False, elem_id=f.elem_id + "-error",
+                                                            elem_classes=["field-error"])
+                                if f.key == "data.train":
+                                    upload = gr.File(label="or upload a data file", file_types=DATA_TYPES,
+                                                     elem_id="data-upload", height=90)
+            data_info = gr.Markdown(elem_id="data-info")
+            form_error = gr.Markdown(visible=False, elem_id="form-error", elem_classes=["field-error"])
+            with gr.Row():
+                check_button = gr.Button("Check and show the config", elem_id="check")
+                preview_button = gr.Button("Dry run: masking preview", elem_id="dry-run")
+                start_button = gr.Button("Start", variant="primary", elem_id="start")
+                stop_button = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop")
+                resume_button = gr.Button("Resume", elem_id="resume")
+            progress_line = gr.Markdown("**no run yet**", elem_id="run-progress")
+            with gr.Row():
+                plot = gr.Plot(label="loss", format="png", elem_id="loss-plot")
+                console = gr.Textbox(label="console (the run's output)", lines=14, max_lines=14,
+                                     elem_id="run-console", autoscroll=True)
+            with gr.Row():
+                yaml_view = gr.Code(language="yaml", label="resolved config: what `loraforge train THIS.yaml` runs",
+                                    interactive=False, elem_id="resolved-yaml", lines=12)
+                with gr.Column():
+                    download = gr.DownloadButton("Download config.yaml", elem_id="download-yaml", visible=False)
+                    preview = gr.Textbox(label="dry run (trained tokens in [[...]])", lines=12,
+                                         elem_id="dry-run-output")
+            plotted = gr.State(-1)  # rows drawn in this tab's plot
+            timer = gr.Timer(1.0)
+
+        with gr.Tab("Chat"):
+            gr.Markdown("The base model and the base + adapter answer the same conversation, with the chat "
+                        "template the adapter was trained with.")
+            with gr.Row():
+                chat_model = gr.Textbox(label="base model", value=default_of("model"), elem_id="chat-model")
+                chat_adapter = gr.Textbox(label="adapter folder (a run's output_dir)", elem_id="chat-adapter")
+                max_new = gr.Number(label="max new tokens", value=128, precision=0, elem_id="chat-max-new")
+                temperature = gr.Number(label="temperature (0: greedy)", value=0.0, elem_id="chat-temperature")
+            with gr.Row():
+                base_chat = gr.Chatbot(label="base", elem_id="chat-base", height=320)
+                adapter_chat = gr.Chatbot(label="base + adapter", elem_id="chat-with-adapter", height=320)
+            with gr.Row():
+                prompt = gr.Textbox(label="message", scale=4, elem_id="chat-prompt")
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+                reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
+            chat_status = gr.Markdown(elem_id="chat-status")
+            histories = gr.State(([], []))
+
+        with gr.Tab("Export"):
+            gr.Markdown("`loraforge merge`: fold the adapter into its base and write safetensors, GGUF or NF4.")
+            specs = option_specs()
+            with gr.Row():
+                export_model = gr.Textbox(label="MODEL", value=default_of("model"), elem_id="export-model")
+                export_adapter = gr.Textbox(label="--adapter", elem_id="export-adapter")
+                export_out = gr.Textbox(label="--out", elem_id="export-out")
+            with gr.Row():
+                options = {name: _option_control(gr, name, action) for name, action in specs.items()}
+            export_button = gr.Button("Merge", variant="primary", elem_id="export-run")
+            export_result = gr.Markdown(elem_id="export-result")
+            export_log = gr.Textbox(label="output of loraforge merge", lines=6, elem_id="export-log")
+
+        form_inputs = [controls[k] for k in FORM_KEYS]
+        error_outputs = [errors[k] for k in FORM_KEYS] + [form_error]
+
+        def error_updates(err: UserError | None, values: dict) -> list:
+            key = error_key(err, form_paths(values)) if err is not None else None
+            shown = message_of(err, key) if err is not None else ""
+            updates = [gr.update(value=shown, visible=True) if err is not None and key == k
+                       else gr.update(value="", visible=False) for k in FORM_KEYS]
+            return updates + [gr.update(value=shown, visible=err is not None and key is None)]
+
+        def checked(values: dict, **kwargs):
+            try:
+                return check_form(values, **kwargs), None
+            except UserError as err:
+                return None, err
+
+        def on_check(*args):
+            values = dict(zip(FORM_KEYS, args))
+            result, err = checked(values, check_output=False)
+            if err is not None:
+                return [*error_updates(err, values), gr.update(), gr.update(visible=False), ""]
+            file = runs.write_config(result.yaml_text, result.config.output_dir)
+            return [*error_updates(None, values), result.yaml_text, gr.update(value=str(file), visible=True),
+                    result.data_summary]
+
+        check_outputs = [*error_outputs, yaml_view, download, data_info]
+        check_button.click(on_check, form_inputs, check_outputs)
+
+        def on_preview(*args):
+            from rich.console import Console
+
+            from loraforge.train.dry_run import dry_run
+
+            values = dict(zip(FORM_KEYS, args))
+            result, err = checked(values, check_output=False)
+            if err is not None:
+                return [*error_updates(err, values), ""]
+            out = io.StringIO()
+            try:
+                dry_run(result.config, show=3, console=Console(file=out, width=120, highlight=False,
+                                                               soft_wrap=True, force_terminal=False))
+            except UserError as err:
+                return [*error_updates(err, values), ""]
+            return [*error_updates(None, values), out.getvalue()]
+
+        preview_button.click(on_preview, form_inputs, [*error_outputs, preview])
+
+        def start(args, resume: bool):
+            values = dict(zip(FORM_KEYS, args))
+            result, err = checked(values, extra=("resume=true",) if resume else ())
+            if err is None:
+                try:
+                    run = runs.start(result.yaml_text, result.config.output_dir, resume=resume)
+                except UserError as e:
+                    err = e
+            if err is not None:
+                return [*error_updates(err, values), gr.update(), gr.update(visible=False), gr.update(), gr.update(),
+                        gr.update(), gr.update(), -1]
+            config = result.config
+            return [*error_updates(None, values), result.yaml_text,
+                    gr.update(value=str(run.config_file), visible=True), result.data_summary,
+                    config.model, str(config.output_dir), config.model, str(config.output_dir), -1]
+
+        start_outputs = [*check_outputs, chat_model, chat_adapter, export_model, export_adapter, plotted]
+        start_button.click(lambda *a: start(a, False), form_inputs, start_outputs)
+        resume_button.click(lambda *a: start(a, True), form_inputs, start_outputs)
+
+        def on_stop(output_dir):
+            try:
+                runs.stop(form_paths({"output_dir": output_dir}).get("output_dir", ""))
+            except UserError as err:
+                return gr.update(value=str(err), visible=True)
+            return gr.update(value="", visible=False)
+
+        stop_button.click(on_stop, controls["output_dir"], form_error)
+
+        def tick(output_dir, drawn):
+            folder = form_paths({"output_dir": output_dir}).get("output_dir")
+            if not folder:
+                return gr.skip(), gr.skip(), gr.skip(), drawn
+            run = runs.get(folder)
+            state = progress(folder, run)
+            shown_console = run.console() if run is not None else gr.skip()
+            if len(state.rows) == drawn:
+                return state.line, gr.skip(), shown_console, drawn
+            from loraforge.train.logging import loss_figure
+
+            figure = loss_figure(state.rows) if state.rows else None
+            of = f"/{state.total}" if state.total else ""
+            label = f"loss (step {state.step}{of})" if state.rows else "loss"
+            return state.line, gr.update(value=figure, label=label), shown_console, len(state.rows)
+
+        timer.tick(tick, [controls["output_dir"], plotted], [progress_line, plot, console, plotted],
+                   show_progress="hidden")
+
+        def on_upload(file):
+            if not file:
+                return gr.update()
+            folder = workdir / "data"
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / Path(file).name
+            shutil.copyfile(file, target)
+            return str(target)
+
+        upload.upload(on_upload, upload, controls["data.train"])
+
+        def on_send(model, adapter, text, new_tokens, temp, hist):
+            from loraforge.infer.generate import GenerationSettings
+
+            base_history, adapter_history = hist
+            if not (text or "").strip():
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), "type a message first"
+                return
+            try:
+                settings = GenerationSettings(max_new_tokens=int(new_tokens or 1), temperature=float(temp or 0))
+                yield _shown(base_history), _shown(adapter_history), hist, gr.skip(), "loading the model ..."
+                loaded = compare.load(model, adapter)
+                user = {"role": "user", "content": text}
+                replies = []
+                for with_adapter, history in ((False, base_history), (True, adapter_history)):
+                    turn = [*history, user]
+                    reply = ""
+                    for reply in compare.reply(loaded, turn, settings, adapter=with_adapter):
+                        live = [*turn, {"role": "assistant", "content": reply}]
+                        shown = (_shown(live), gr.skip()) if not with_adapter else (gr.skip(), _shown(live))
+                        yield *shown, hist, gr.skip(), f"template {loaded.template}: streaming ..."
+                    replies.append([*turn, {"role": "assistant", "content": reply}])
+                new = (replies[0], replies[1])
+                yield _shown(new[0]), _shown(new[1]), new, "", f"template {loaded.template}"
+            except UserError as err:
+                yield gr.skip(), gr.skip(), hist, gr.skip(), f"**error:** {err}"
+
+        chat_outputs = [base_chat, adapter_chat, histories, prompt, chat_status]
+        send.click(on_send, [chat_model, chat_adapter, prompt, max_new, temperature, histories], chat_outputs)
+        prompt.submit(on_send, [chat_model, chat_adapter, prompt, max_new, temperature, histories], chat_outputs)
+        reset.click(lambda: ([], [], ([], []), "conversation reset"), None,
+                    [base_chat, adapter_chat, histories, chat_status])
+
+        def on_export(model, adapter, out, *values):
+            try:
+                chosen = {name: None if value == DEFAULT else value for name, value in zip(specs, values)}
+                argv = merge_argv(model, adapter, out, chosen)
+            except UserError as err:
+                return f"**error:** {err}", ""
+            result = run_merge(argv)
+            if not result.ok:
+                return f"**failed** (`{result.command}`)", result.output
+            return f"**wrote** `{Path(out).expanduser().resolve()}` (`{result.command}`)", result.output
+
+        export_button.click(on_export, [export_model, export_adapter, export_out, *options.values()],
+                            [export_result, export_log])
+    return app
+
+
+def _shown(history: list[dict]) -> list[dict]:
+    """The chat as the Chatbot shows it (an empty reply is marked, not an invisible bubble)."""
+    return [m if m["content"] or m["role"] != "assistant" else {**m, "content": "(empty reply)"} for m in history]
+
+
+def _control(gr, f: Field):
+    common = {"label": f.label, "elem_id": f.elem_id}
+    if f.kind == "choice":
+        return gr.Dropdown(choices=list(f.choices), value=f.default if f.default is not None else f.choices[0],
+                           **common)
+    if f.kind == "bool":
+        return gr.Checkbox(value=bool(f.default), **common)
+    if f.kind in ("int", "float"):
+        hint = "empty: the schema's default" if f.optional else None
+        return gr.Number(value=f.default, precision=0 if f.kind == "int" else None, placeholder=hint, **common)
+    value = f.default if isinstance(f.default, str) else ""
+    return gr.Textbox(value=value, **common)
+
+
+def _option_control(gr, name: str, action):
+    from loraforge.infer.merge import INTO
+
+    elem_id = "export-" + name.strip("-")
+    if action.nargs == 0:  # a flag
+        return gr.Checkbox(label=name, value=False, elem_id=elem_id)
+    choices = list(action.choices or (INTO if name == "--into" else ()))
+    if choices:
+        default = action.default if action.default is not None else DEFAULT
+        return gr.Dropdown(choices=[DEFAULT, *choices] if action.default is None else choices, value=default,
+                           label=name, info=action.help, elem_id=elem_id)
+    return gr.Textbox(label=name, value=action.default or "", info=action.help, elem_id=elem_id)
