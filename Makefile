@@ -28,12 +28,22 @@ $(LLAMACPP_VENV)/.installed:
 	$(LLAMACPP_VENV)/bin/python -m pip install -q --disable-pip-version-check "$(LLAMACPP_WHEEL)"
 	touch $@
 
-.PHONY: demo test test-llamacpp
+# Debian's chromium for the web UI's browser test (tests/test_webui_browser.py), installed when
+# missing and apt-get is usable (root); where it cannot be, that test skips saying so.
+CHROMIUM := $(firstword $(wildcard /usr/bin/chromium /usr/bin/chromium-browser))
+
+.PHONY: demo test test-llamacpp chromium
+chromium:
+	@if [ -z "$(CHROMIUM)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the web UI browser test will skip"; \
+	fi
+
 demo: $(VENV)/.base
 	$(VENV)/bin/loraforge train
 
 # With a llama.cpp wheel at hand (../shared/tools), the suite also checks GGUF exports in llama.cpp.
-test: $(VENV)/.test $(if $(LLAMACPP_WHEEL),$(LLAMACPP_VENV)/.installed)
+test: $(VENV)/.test chromium $(if $(LLAMACPP_WHEEL),$(LLAMACPP_VENV)/.installed)
 	$(PY) -m pytest -q tests
 
 # GGUF exports run in llama.cpp (tests marked llamacpp; `make test` runs them too when the venv exists)

@@ -167,8 +167,8 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                 except UserError as e:
                     err = e
             if err is not None:
-                return [*error_updates(err, values), gr.update(), gr.update(visible=False), gr.update(), gr.update(),
-                        gr.update(), gr.update(), -1]
+                keep = [gr.update()] * 4  # the Chat and Export fields stay as they are
+                return [*error_updates(err, values), gr.update(), gr.update(visible=False), gr.update(), *keep, -1]
             config = result.config
             return [*error_updates(None, values), result.yaml_text,
                     gr.update(value=str(run.config_file), visible=True), result.data_summary,
@@ -277,11 +277,11 @@ def _control(gr, f: Field):
                            **common)
     if f.kind == "bool":
         return gr.Checkbox(value=bool(f.default), **common)
-    if f.kind in ("int", "float"):
-        hint = "empty: the schema's default" if f.optional else None
-        return gr.Number(value=f.default, precision=0 if f.kind == "int" else None, placeholder=hint, **common)
-    value = f.default if isinstance(f.default, str) else ""
-    return gr.Textbox(value=value, **common)
+    # text and numbers alike: the value is read as YAML, as on the command line, so whatever is
+    # typed gets the schema's own message (an empty optional field: the schema's default)
+    hint = "empty: the default" if f.optional else None
+    value = "" if f.default is None else str(f.default)
+    return gr.Textbox(value=value, placeholder=hint, **common)
 
 
 def _option_control(gr, name: str, action):

@@ -3,13 +3,14 @@
 Serves the web UI on ``host:port`` (the loopback interface unless ``--host`` says otherwise; a
 public Gradio share link is never made). ``--auth`` asks for that user and password before
 anything is shown. ``--workdir`` keeps the configs the UI writes (one YAML per run, the one the
-run reads, beside the run's console output) and uploaded data files. Ctrl-C stops the server;
-runs it started are stopped as by Ctrl-C (each saves a checkpoint).
+run reads, beside the run's console output) and uploaded data files. Ctrl-C (or SIGTERM) stops the
+server; runs it started are stopped as by Ctrl-C (each saves a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from loraforge.errors import UserError
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     runs = Runs(workdir)
     app = build_app(gr, workdir, runs, Compare())
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does (runs save a checkpoint)
     print(f"loraforge webui: http://{args.host}:{args.port}  (workdir {workdir}; Ctrl-C stops)", flush=True)
     try:
         app.queue(default_concurrency_limit=4).launch(
@@ -54,3 +56,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runs.stop_all()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -111,8 +111,9 @@ def _field(key: str, choices: tuple[str, ...]) -> Field:
 def form_overrides(values: dict[str, Any], cwd: Path | None = None) -> list[str]:
     """``key=value`` overrides (as ``loraforge train`` takes them) for the form's ``values``.
 
-    An empty optional field is left out (the schema's default); an empty required text field is
-    given as null, so the schema says what it expects. Relative paths are made absolute against
+    Typed text is read as YAML, as the command line reads ``key=value``; an empty optional field
+    is left out (the schema's default); an empty required field is given as null, so the schema
+    says what it expects. Relative paths are made absolute against
     ``cwd`` (the server's folder), so the YAML written from them runs from anywhere; a ``model``
     only when that path exists (otherwise it is an alias)."""
     cwd = cwd or Path.cwd()
@@ -123,7 +124,7 @@ def form_overrides(values: dict[str, Any], cwd: Path | None = None) -> list[str]
         if isinstance(value, str):
             value = value.strip()
         if value is None or value == "":
-            if not f.optional and f.kind == "text":
+            if not f.optional:
                 out.append(f"{key}=")
             continue
         if key == "quantization.type" and value == NO_QUANTIZATION:
@@ -136,8 +137,8 @@ def form_overrides(values: dict[str, Any], cwd: Path | None = None) -> list[str]
             if not path.is_absolute() and (key != "model" or (cwd / path).exists()):
                 value = str(cwd / path)
             out.append(f"{key}={_yaml_scalar(value)}")
-        elif f.kind == "text":
-            out.append(f"{key}={value}")  # YAML as on the command line: adapter.targets=[q_proj, v_proj]
+        elif isinstance(value, str) and f.kind != "choice":
+            out.append(f"{key}={value}")  # YAML as on the command line: adapter.targets=[q_proj, v_proj], train.lr=2e-4
         else:
             out.append(f"{key}={_yaml_scalar(value)}")
     return out
