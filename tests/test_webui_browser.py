@@ -182,6 +182,14 @@ def test_train_watch_chat_and_export_in_the_browser(page, files):
     assert "steps: 3 optimizer steps" in page.input_value("#dry-run-output textarea")
 
     page.click("#start")
+    other = page.context.new_page()  # a second tab on the same server cannot start a run into that folder
+    other.goto(page.url)
+    fill_tiny_run(other, files)
+    other.click("#start")
+    refused = error_text(other, "output_dir")
+    assert "this web UI" in refused or "output_dir already holds a run" in refused, refused
+    other.close()
+    assert len(list((files["root"] / "workdir").glob("configs/*.console.txt"))) == 1
     page.wait_for_function("document.querySelector('#run-progress').innerText.includes('finished')", timeout=WAIT_MS)
     page.wait_for_function("document.querySelector('#loss-plot').innerText.includes('step 3/3')")
     progress = page.inner_text("#run-progress")

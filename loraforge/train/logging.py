@@ -220,6 +220,7 @@ def loss_figure(rows: list[dict]):
         ax.plot(*zip(*train), label="train loss", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per trained token)")
     ax.grid(alpha=0.3)

@@ -15,6 +15,7 @@ the browser test finds controls by them.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                                      elem_id="run-console", autoscroll=True)
             with gr.Row():
                 yaml_view = gr.Code(language="yaml", label="resolved config: what `loraforge train THIS.yaml` runs",
-                                    interactive=False, elem_id="resolved-yaml", lines=12)
+                                    interactive=False, elem_id="resolved-yaml", lines=12, max_lines=24)
                 with gr.Column():
                     download = gr.DownloadButton("Download config.yaml", elem_id="download-yaml", visible=False)
                     preview = gr.Textbox(label="dry run (trained tokens in [[...]])", lines=12,
@@ -154,7 +155,7 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                                                                soft_wrap=True, force_terminal=False))
             except UserError as err:
                 return [*error_updates(err, values), ""]
-            return [*error_updates(None, values), out.getvalue()]
+            return [*error_updates(None, values), masking_part(out.getvalue())]
 
         preview_button.click(on_preview, form_inputs, [*error_outputs, preview])
 
@@ -193,7 +194,7 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                 return gr.skip(), gr.skip(), gr.skip(), drawn
             run = runs.get(folder)
             state = progress(folder, run)
-            shown_console = run.console() if run is not None else gr.skip()
+            shown_console = run.console(lines=16) if run is not None else gr.skip()
             if len(state.rows) == drawn:
                 return state.line, gr.skip(), shown_console, drawn
             from loraforge.train.logging import loss_figure
@@ -263,6 +264,13 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
         export_button.click(on_export, [export_model, export_adapter, export_out, *options.values()],
                             [export_result, export_log])
     return app
+
+
+def masking_part(text: str) -> str:
+    """The dry run's output from its data statistics on (the resolved config is shown beside it)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.fullmatch(r"─+ data ─+", line.strip())), 0)
+    return "\n".join(lines[start:])
 
 
 def _shown(history: list[dict]) -> list[dict]:

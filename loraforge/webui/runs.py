@@ -48,8 +48,10 @@ class RunProcess:
         if code is None:
             return "stopping (finishing the step, saving a checkpoint)" if self.stop_requested else "running"
         if code == 0:
-            return "stopped: checkpoint saved, Resume continues it" if self.stop_requested else "finished"
-        if code == 130:
+            return "finished"
+        if code == 130:  # loraforge train's exit status after Ctrl-C
+            if "interrupted: saved" in self.console(lines=400):
+                return "stopped: checkpoint saved, Resume continues it"
             return "stopped before the first step (nothing saved)"
         return f"failed (exit status {code}; see the console below)"
 
