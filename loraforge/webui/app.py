@@ -57,7 +57,7 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                                                             elem_classes=["field-error"])
                                 if f.key == "data.train":
                                     upload = gr.File(label="or upload a data file", file_types=DATA_TYPES,
-                                                     elem_id="data-upload", height=90)
+                                                     elem_id="data-upload", height=120)
             data_info = gr.Markdown(elem_id="data-info")
             form_error = gr.Markdown(visible=False, elem_id="form-error", elem_classes=["field-error"])
             with gr.Row():
