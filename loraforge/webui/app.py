@@ -27,6 +27,13 @@ from loraforge.webui.runs import Runs, progress
 
 SECTIONS = (("Model", ("model", "quantization")), ("Data", ("data",)), ("Adapter", ("adapter",)),
             ("Training", ("train",)), ("Output", ("output_dir", "overwrite")))
+HELP = {
+    "model": "an alias (smollm2-135m-instruct), a Hugging Face folder, a .gguf file or a bitsandbytes 4-bit folder",
+    "quantization.type": "none: a 16/32-bit base; nf4: QLoRA",
+    "data.train": "a .jsonl / .json / .csv / .parquet file",
+    "adapter.targets": "all-linear, or a YAML list: [q_proj, v_proj]",
+    "train.steps": "empty: one epoch (or train.epochs)",
+}
 DATA_TYPES = [".jsonl", ".json", ".csv", ".parquet", ".txt"]
 DEFAULT = "(default)"  # an Export option left to loraforge merge's own default
 CSS = ".field-error p { color: #c62828; font-weight: 600; margin: 0 0 8px 0; }"
@@ -279,7 +286,7 @@ def _shown(history: list[dict]) -> list[dict]:
 
 
 def _control(gr, f: Field):
-    common = {"label": f.label, "elem_id": f.elem_id}
+    common = {"label": f.label, "elem_id": f.elem_id, "info": HELP.get(f.key)}
     if f.kind == "choice":
         return gr.Dropdown(choices=list(f.choices), value=f.default if f.default is not None else f.choices[0],
                            **common)

@@ -48,12 +48,13 @@ class Compare:
         if not adapter or not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError("expected a trained adapter folder (the run's output_dir, holding adapter_config.json)",
                             where=adapter or "adapter")
-        if self._loaded is None or (self._loaded.model, self._loaded.adapter) != (model, adapter):
-            self._loaded = None
-            session = load_for_inference(model, adapter)
-            template = resolve_template(session.tokenizer, None, session.trained_template, raw_option=False)
-            self._loaded = Loaded(model, adapter, session, template)
-        return self._loaded
+        with self._lock:  # two tabs asking at once load once
+            if self._loaded is None or (self._loaded.model, self._loaded.adapter) != (model, adapter):
+                self._loaded = None
+                session = load_for_inference(model, adapter)
+                template = resolve_template(session.tokenizer, None, session.trained_template, raw_option=False)
+                self._loaded = Loaded(model, adapter, session, template)
+            return self._loaded
 
     def reply(self, loaded: Loaded, history: list[dict], settings, *, adapter: bool) -> Iterator[str]:
         """The reply to ``history`` (ending with the user's message) as it grows, piece by piece."""
