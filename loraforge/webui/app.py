@@ -47,124 +47,148 @@ def message_of(err: UserError, key: str | None) -> str:
 
 
 def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
-    fields = form_fields()
-    workdir = Path(workdir)
+    """The Blocks app: the three tabs; Start also fills the Chat and Export tabs' model and
+    adapter with the run's."""
     with gr.Blocks(title="loraforge") as app:
         gr.Markdown("## loraforge: fine-tune, watch, chat, export")
         with gr.Tab("Train"):
-            controls, errors = {}, {}
-            with gr.Row():
-                for title, prefixes in SECTIONS:
-                    with gr.Column(min_width=220):
-                        gr.Markdown(f"**{title}**")
-                        for f in fields:
-                            if f.key.split(".")[0] in prefixes or f.key in prefixes:
-                                controls[f.key] = _control(gr, f)
-                                errors[f.key] = gr.Markdown(visible=False, elem_id=f.elem_id + "-error",
-                                                            elem_classes=["field-error"])
-                                if f.key == "data.train":
-                                    upload = gr.File(label="or upload a data file", file_types=DATA_TYPES,
-                                                     elem_id="data-upload", height=120)
-            data_info = gr.Markdown(elem_id="data-info")
-            form_error = gr.Markdown(visible=False, elem_id="form-error", elem_classes=["field-error"])
-            with gr.Row():
-                check_button = gr.Button("Check and show the config", elem_id="check")
-                preview_button = gr.Button("Dry run: masking preview", elem_id="dry-run")
-                start_button = gr.Button("Start", variant="primary", elem_id="start")
-                stop_button = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop")
-                resume_button = gr.Button("Resume", elem_id="resume")
-            progress_line = gr.Markdown("**no run yet**", elem_id="run-progress")
-            with gr.Row():
-                plot = gr.Plot(label="loss", format="png", elem_id="loss-plot")
-                console = gr.Textbox(label="console (the run's output)", lines=14, max_lines=14,
-                                     elem_id="run-console", autoscroll=True)
-            with gr.Row():
-                yaml_view = gr.Code(language="yaml", label="resolved config: what `loraforge train THIS.yaml` runs",
-                                    interactive=False, elem_id="resolved-yaml", lines=12, max_lines=24)
-                with gr.Column():
-                    download = gr.DownloadButton("Download config.yaml", elem_id="download-yaml", visible=False)
-                    preview = gr.Textbox(label="dry run (trained tokens in [[...]])", lines=12,
-                                         elem_id="dry-run-output")
-            plotted = gr.State(-1)  # rows drawn in this tab's plot
-            timer = gr.Timer(1.0)
-
+            wire_start = train_tab(gr, Path(workdir), runs)
         with gr.Tab("Chat"):
-            gr.Markdown("The base model and the base + adapter answer the same conversation, with the chat "
-                        "template the adapter was trained with.")
-            with gr.Row():
-                chat_model = gr.Textbox(label="base model", value=default_of("model"), elem_id="chat-model")
-                chat_adapter = gr.Textbox(label="adapter folder (a run's output_dir)", elem_id="chat-adapter")
-                max_new = gr.Number(label="max new tokens", value=128, precision=0, elem_id="chat-max-new")
-                temperature = gr.Number(label="temperature (0: greedy)", value=0.0, elem_id="chat-temperature")
-            with gr.Row():
-                base_chat = gr.Chatbot(label="base", elem_id="chat-base", height=320)
-                adapter_chat = gr.Chatbot(label="base + adapter", elem_id="chat-with-adapter", height=320)
-            with gr.Row():
-                prompt = gr.Textbox(label="message", scale=4, elem_id="chat-prompt")
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
-            chat_status = gr.Markdown(elem_id="chat-status")
-            histories = gr.State(([], []))
-
+            chat_fields = chat_tab(gr, compare)
         with gr.Tab("Export"):
-            gr.Markdown("`loraforge merge`: fold the adapter into its base and write safetensors, GGUF or NF4.")
-            specs = option_specs()
-            with gr.Row():
-                export_model = gr.Textbox(label="MODEL", value=default_of("model"), elem_id="export-model")
-                export_adapter = gr.Textbox(label="--adapter", elem_id="export-adapter")
-                export_out = gr.Textbox(label="--out", elem_id="export-out")
-            with gr.Row():
-                options = {name: _option_control(gr, name, action) for name, action in specs.items()}
-            export_button = gr.Button("Merge", variant="primary", elem_id="export-run")
-            export_result = gr.Markdown(elem_id="export-result")
-            export_log = gr.Textbox(label="output of loraforge merge", lines=6, elem_id="export-log")
+            export_fields = export_tab(gr)
+        wire_start([*chat_fields, *export_fields])
+    return app
 
-        form_inputs = [controls[k] for k in FORM_KEYS]
-        error_outputs = [errors[k] for k in FORM_KEYS] + [form_error]
 
-        def error_updates(err: UserError | None, values: dict) -> list:
-            key = error_key(err, form_paths(values)) if err is not None else None
-            shown = message_of(err, key) if err is not None else ""
-            updates = [gr.update(value=shown, visible=True) if err is not None and key == k
-                       else gr.update(value="", visible=False) for k in FORM_KEYS]
-            return updates + [gr.update(value=shown, visible=err is not None and key is None)]
+def train_tab(gr, workdir: Path, runs: Runs):
+    """The form, its checks, the dry run, the run's progress; returns ``wire_start(linked)``,
+    which wires Start and Resume once the (model, adapter) fields of the other tabs exist."""
+    fields = form_fields()
+    controls, errors = {}, {}
+    with gr.Row():
+        for title, prefixes in SECTIONS:
+            with gr.Column(min_width=220):
+                gr.Markdown(f"**{title}**")
+                for f in fields:
+                    if f.key.split(".")[0] in prefixes or f.key in prefixes:
+                        controls[f.key] = _control(gr, f)
+                        errors[f.key] = gr.Markdown(visible=False, elem_id=f.elem_id + "-error",
+                                                    elem_classes=["field-error"])
+                        if f.key == "data.train":
+                            upload = gr.File(label="or upload a data file", file_types=DATA_TYPES,
+                                             elem_id="data-upload", height=120)
+    data_info = gr.Markdown(elem_id="data-info")
+    form_error = gr.Markdown(visible=False, elem_id="form-error", elem_classes=["field-error"])
+    with gr.Row():
+        check_button = gr.Button("Check and show the config", elem_id="check")
+        preview_button = gr.Button("Dry run: masking preview", elem_id="dry-run")
+        start_button = gr.Button("Start", variant="primary", elem_id="start")
+        stop_button = gr.Button("Stop (saves a checkpoint)", variant="stop", elem_id="stop")
+        resume_button = gr.Button("Resume", elem_id="resume")
+    progress_line = gr.Markdown("**no run yet**", elem_id="run-progress")
+    with gr.Row():
+        plot = gr.Plot(label="loss", format="png", elem_id="loss-plot")
+        console = gr.Textbox(label="console (the run's output)", lines=14, max_lines=14, elem_id="run-console",
+                             autoscroll=True)
+    with gr.Row():
+        yaml_view = gr.Code(language="yaml", label="resolved config: what `loraforge train THIS.yaml` runs",
+                            interactive=False, elem_id="resolved-yaml", lines=12, max_lines=24)
+        with gr.Column():
+            download = gr.DownloadButton("Download config.yaml", elem_id="download-yaml", visible=False)
+            preview = gr.Textbox(label="dry run (trained tokens in [[...]])", lines=12, elem_id="dry-run-output")
+    plotted = gr.State(-1)  # rows drawn in this tab's plot
+    timer = gr.Timer(1.0)
 
-        def checked(values: dict, **kwargs):
-            try:
-                return check_form(values, **kwargs), None
-            except UserError as err:
-                return None, err
+    form_inputs = [controls[k] for k in FORM_KEYS]
+    error_outputs = [errors[k] for k in FORM_KEYS] + [form_error]
+    check_outputs = [*error_outputs, yaml_view, download, data_info]
 
-        def on_check(*args):
-            values = dict(zip(FORM_KEYS, args))
-            result, err = checked(values, check_output=False)
-            if err is not None:
-                return [*error_updates(err, values), gr.update(), gr.update(visible=False), ""]
-            file = runs.write_config(result.yaml_text, result.config.output_dir)
-            return [*error_updates(None, values), result.yaml_text, gr.update(value=str(file), visible=True),
-                    result.data_summary]
+    def error_updates(err: UserError | None, values: dict) -> list:
+        key = error_key(err, form_paths(values)) if err is not None else None
+        shown = message_of(err, key) if err is not None else ""
+        updates = [gr.update(value=shown, visible=True) if err is not None and key == k
+                   else gr.update(value="", visible=False) for k in FORM_KEYS]
+        return updates + [gr.update(value=shown, visible=err is not None and key is None)]
 
-        check_outputs = [*error_outputs, yaml_view, download, data_info]
-        check_button.click(on_check, form_inputs, check_outputs)
+    def checked(values: dict, **kwargs):
+        try:
+            return check_form(values, **kwargs), None
+        except UserError as err:
+            return None, err
 
-        def on_preview(*args):
-            from rich.console import Console
+    def on_check(*args):
+        values = dict(zip(FORM_KEYS, args))
+        result, err = checked(values, check_output=False)
+        if err is not None:
+            return [*error_updates(err, values), gr.update(), gr.update(visible=False), ""]
+        file = runs.write_config(result.yaml_text, result.config.output_dir)
+        return [*error_updates(None, values), result.yaml_text, gr.update(value=str(file), visible=True),
+                result.data_summary]
 
-            from loraforge.train.dry_run import dry_run
+    check_button.click(on_check, form_inputs, check_outputs)
 
-            values = dict(zip(FORM_KEYS, args))
-            result, err = checked(values, check_output=False)
-            if err is not None:
-                return [*error_updates(err, values), ""]
-            out = io.StringIO()
-            try:
-                dry_run(result.config, show=3, console=Console(file=out, width=120, highlight=False,
-                                                               soft_wrap=True, force_terminal=False))
-            except UserError as err:
-                return [*error_updates(err, values), ""]
-            return [*error_updates(None, values), masking_part(out.getvalue())]
+    def on_preview(*args):
+        from rich.console import Console
 
-        preview_button.click(on_preview, form_inputs, [*error_outputs, preview])
+        from loraforge.train.dry_run import dry_run
+
+        values = dict(zip(FORM_KEYS, args))
+        result, err = checked(values, check_output=False)
+        if err is not None:
+            return [*error_updates(err, values), ""]
+        out = io.StringIO()
+        try:
+            dry_run(result.config, show=3, console=Console(file=out, width=120, highlight=False, soft_wrap=True,
+                                                           force_terminal=False))
+        except UserError as err:
+            return [*error_updates(err, values), ""]
+        return [*error_updates(None, values), masking_part(out.getvalue())]
+
+    preview_button.click(on_preview, form_inputs, [*error_outputs, preview])
+
+    def on_stop(output_dir):
+        try:
+            runs.stop(form_paths({"output_dir": output_dir}).get("output_dir", ""))
+        except UserError as err:
+            return gr.update(value=str(err), visible=True)
+        return gr.update(value="", visible=False)
+
+    stop_button.click(on_stop, controls["output_dir"], form_error)
+
+    def tick(output_dir, drawn):
+        folder = form_paths({"output_dir": output_dir}).get("output_dir")
+        if not folder:
+            return gr.skip(), gr.skip(), gr.skip(), drawn
+        run = runs.get(folder)
+        state = progress(folder, run)
+        shown_console = run.console(lines=16) if run is not None else gr.skip()
+        if len(state.rows) == drawn:
+            return state.line, gr.skip(), shown_console, drawn
+        from loraforge.train.logging import loss_figure
+
+        figure = loss_figure(state.rows) if state.rows else None
+        of = f"/{state.total}" if state.total else ""
+        label = f"loss (step {state.step}{of})" if state.rows else "loss"
+        return state.line, gr.update(value=figure, label=label), shown_console, len(state.rows)
+
+    timer.tick(tick, [controls["output_dir"], plotted], [progress_line, plot, console, plotted],
+               show_progress="hidden")
+
+    def on_upload(file):
+        if not file:
+            return gr.update()
+        folder = workdir / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / Path(file).name
+        shutil.copyfile(file, target)
+        return str(target)
+
+    upload.upload(on_upload, upload, controls["data.train"])
+
+    def wire_start(linked: list) -> None:
+        """Start and Resume; on success ``linked`` (model, adapter, model, adapter, ...) get the
+        run's model and output folder."""
 
         def start(args, resume: bool):
             values = dict(zip(FORM_KEYS, args))
@@ -175,102 +199,99 @@ def build_app(gr, workdir: Path, runs: Runs, compare: Compare):
                 except UserError as e:
                     err = e
             if err is not None:
-                keep = [gr.update()] * 4  # the Chat and Export fields stay as they are
+                keep = [gr.update()] * len(linked)
                 return [*error_updates(err, values), gr.update(), gr.update(visible=False), gr.update(), *keep, -1]
             config = result.config
+            pairs = [config.model, str(config.output_dir)] * (len(linked) // 2)
             return [*error_updates(None, values), result.yaml_text,
-                    gr.update(value=str(run.config_file), visible=True), result.data_summary,
-                    config.model, str(config.output_dir), config.model, str(config.output_dir), -1]
+                    gr.update(value=str(run.config_file), visible=True), result.data_summary, *pairs, -1]
 
-        start_outputs = [*check_outputs, chat_model, chat_adapter, export_model, export_adapter, plotted]
-        start_button.click(lambda *a: start(a, False), form_inputs, start_outputs)
-        resume_button.click(lambda *a: start(a, True), form_inputs, start_outputs)
+        outputs = [*check_outputs, *linked, plotted]
+        start_button.click(lambda *a: start(a, False), form_inputs, outputs)
+        resume_button.click(lambda *a: start(a, True), form_inputs, outputs)
 
-        def on_stop(output_dir):
-            try:
-                runs.stop(form_paths({"output_dir": output_dir}).get("output_dir", ""))
-            except UserError as err:
-                return gr.update(value=str(err), visible=True)
-            return gr.update(value="", visible=False)
+    return wire_start
 
-        stop_button.click(on_stop, controls["output_dir"], form_error)
 
-        def tick(output_dir, drawn):
-            folder = form_paths({"output_dir": output_dir}).get("output_dir")
-            if not folder:
-                return gr.skip(), gr.skip(), gr.skip(), drawn
-            run = runs.get(folder)
-            state = progress(folder, run)
-            shown_console = run.console(lines=16) if run is not None else gr.skip()
-            if len(state.rows) == drawn:
-                return state.line, gr.skip(), shown_console, drawn
-            from loraforge.train.logging import loss_figure
+def chat_tab(gr, compare: Compare) -> list:
+    """Base and base + adapter side by side; returns its (model, adapter) fields."""
+    gr.Markdown("The base model and the base + adapter answer the same conversation, with the chat "
+                "template the adapter was trained with.")
+    with gr.Row():
+        model = gr.Textbox(label="base model", value=default_of("model"), elem_id="chat-model")
+        adapter = gr.Textbox(label="adapter folder (a run's output_dir)", elem_id="chat-adapter")
+        max_new = gr.Number(label="max new tokens", value=128, precision=0, elem_id="chat-max-new")
+        temperature = gr.Number(label="temperature (0: greedy)", value=0.0, elem_id="chat-temperature")
+    with gr.Row():
+        base_chat = gr.Chatbot(label="base", elem_id="chat-base", height=320)
+        adapter_chat = gr.Chatbot(label="base + adapter", elem_id="chat-with-adapter", height=320)
+    with gr.Row():
+        prompt = gr.Textbox(label="message", scale=4, elem_id="chat-prompt")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        reset = gr.Button("Reset", scale=1, elem_id="chat-reset")
+    status = gr.Markdown(elem_id="chat-status")
+    histories = gr.State(([], []))
 
-            figure = loss_figure(state.rows) if state.rows else None
-            of = f"/{state.total}" if state.total else ""
-            label = f"loss (step {state.step}{of})" if state.rows else "loss"
-            return state.line, gr.update(value=figure, label=label), shown_console, len(state.rows)
+    def on_send(model_path, adapter_path, text, new_tokens, temp, hist):
+        from loraforge.infer.generate import GenerationSettings
 
-        timer.tick(tick, [controls["output_dir"], plotted], [progress_line, plot, console, plotted],
-                   show_progress="hidden")
+        base_history, adapter_history = hist
+        if not (text or "").strip():
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), "type a message first"
+            return
+        try:
+            settings = GenerationSettings(max_new_tokens=int(new_tokens or 1), temperature=float(temp or 0))
+            yield _shown(base_history), _shown(adapter_history), hist, gr.skip(), "loading the model ..."
+            loaded = compare.load(model_path, adapter_path)
+            user = {"role": "user", "content": text}
+            replies = []
+            for with_adapter, history in ((False, base_history), (True, adapter_history)):
+                turn = [*history, user]
+                reply = ""
+                for reply in compare.reply(loaded, turn, settings, adapter=with_adapter):
+                    live = _shown([*turn, {"role": "assistant", "content": reply}])
+                    shown = (gr.skip(), live) if with_adapter else (live, gr.skip())
+                    yield *shown, hist, gr.skip(), f"template {loaded.template}: streaming ..."
+                replies.append([*turn, {"role": "assistant", "content": reply}])
+            yield _shown(replies[0]), _shown(replies[1]), tuple(replies), "", f"template {loaded.template}"
+        except UserError as err:
+            yield gr.skip(), gr.skip(), hist, gr.skip(), f"**error:** {err}"
 
-        def on_upload(file):
-            if not file:
-                return gr.update()
-            folder = workdir / "data"
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / Path(file).name
-            shutil.copyfile(file, target)
-            return str(target)
+    inputs = [model, adapter, prompt, max_new, temperature, histories]
+    outputs = [base_chat, adapter_chat, histories, prompt, status]
+    send.click(on_send, inputs, outputs)
+    prompt.submit(on_send, inputs, outputs)
+    reset.click(lambda: ([], [], ([], []), "conversation reset"), None, [base_chat, adapter_chat, histories, status])
+    return [model, adapter]
 
-        upload.upload(on_upload, upload, controls["data.train"])
 
-        def on_send(model, adapter, text, new_tokens, temp, hist):
-            from loraforge.infer.generate import GenerationSettings
+def export_tab(gr) -> list:
+    """``loraforge merge`` with its options; returns its (model, adapter) fields."""
+    gr.Markdown("`loraforge merge`: fold the adapter into its base and write safetensors, GGUF or NF4.")
+    specs = option_specs()
+    with gr.Row():
+        model = gr.Textbox(label="MODEL", value=default_of("model"), elem_id="export-model")
+        adapter = gr.Textbox(label="--adapter", elem_id="export-adapter")
+        out = gr.Textbox(label="--out", elem_id="export-out")
+    with gr.Row():
+        options = {name: _option_control(gr, name, action) for name, action in specs.items()}
+    button = gr.Button("Merge", variant="primary", elem_id="export-run")
+    result_line = gr.Markdown(elem_id="export-result")
+    log = gr.Textbox(label="output of loraforge merge", lines=6, elem_id="export-log")
 
-            base_history, adapter_history = hist
-            if not (text or "").strip():
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), "type a message first"
-                return
-            try:
-                settings = GenerationSettings(max_new_tokens=int(new_tokens or 1), temperature=float(temp or 0))
-                yield _shown(base_history), _shown(adapter_history), hist, gr.skip(), "loading the model ..."
-                loaded = compare.load(model, adapter)
-                user = {"role": "user", "content": text}
-                replies = []
-                for with_adapter, history in ((False, base_history), (True, adapter_history)):
-                    turn = [*history, user]
-                    reply = ""
-                    for reply in compare.reply(loaded, turn, settings, adapter=with_adapter):
-                        live = [*turn, {"role": "assistant", "content": reply}]
-                        shown = (_shown(live), gr.skip()) if not with_adapter else (gr.skip(), _shown(live))
-                        yield *shown, hist, gr.skip(), f"template {loaded.template}: streaming ..."
-                    replies.append([*turn, {"role": "assistant", "content": reply}])
-                new = (replies[0], replies[1])
-                yield _shown(new[0]), _shown(new[1]), new, "", f"template {loaded.template}"
-            except UserError as err:
-                yield gr.skip(), gr.skip(), hist, gr.skip(), f"**error:** {err}"
+    def on_export(model_path, adapter_path, out_path, *values):
+        try:
+            chosen = {name: None if value == DEFAULT else value for name, value in zip(specs, values)}
+            argv = merge_argv(model_path, adapter_path, out_path, chosen)
+        except UserError as err:
+            return f"**error:** {err}", ""
+        result = run_merge(argv)
+        if not result.ok:
+            return f"**failed** (`{result.command}`)", result.output
+        return f"**wrote** `{Path(out_path).expanduser().resolve()}` (`{result.command}`)", result.output
 
-        chat_outputs = [base_chat, adapter_chat, histories, prompt, chat_status]
-        send.click(on_send, [chat_model, chat_adapter, prompt, max_new, temperature, histories], chat_outputs)
-        prompt.submit(on_send, [chat_model, chat_adapter, prompt, max_new, temperature, histories], chat_outputs)
-        reset.click(lambda: ([], [], ([], []), "conversation reset"), None,
-                    [base_chat, adapter_chat, histories, chat_status])
-
-        def on_export(model, adapter, out, *values):
-            try:
-                chosen = {name: None if value == DEFAULT else value for name, value in zip(specs, values)}
-                argv = merge_argv(model, adapter, out, chosen)
-            except UserError as err:
-                return f"**error:** {err}", ""
-            result = run_merge(argv)
-            if not result.ok:
-                return f"**failed** (`{result.command}`)", result.output
-            return f"**wrote** `{Path(out).expanduser().resolve()}` (`{result.command}`)", result.output
-
-        export_button.click(on_export, [export_model, export_adapter, export_out, *options.values()],
-                            [export_result, export_log])
-    return app
+    button.click(on_export, [model, adapter, out, *options.values()], [result_line, log])
+    return [model, adapter]
 
 
 def masking_part(text: str) -> str:
