@@ -39,7 +39,7 @@ DEFAULT = "(default)"  # an Export option left to loraforge merge's own default
 CSS = ".field-error p { color: #c62828; font-weight: 600; margin: 0 0 8px 0; }"
 
 
-def message_of(err: UserError, key: str | None) -> str:
+def message_of(err: UserError) -> str:
     """The CLI's message (``where: message``), with a form key for the command-line wording."""
     if err.where and err.where.startswith("command-line override "):
         return f"{err.where.removeprefix('command-line override ')}: {err.message}"
@@ -106,7 +106,7 @@ def train_tab(gr, workdir: Path, runs: Runs):
 
     def error_updates(err: UserError | None, values: dict) -> list:
         key = error_key(err, form_paths(values)) if err is not None else None
-        shown = message_of(err, key) if err is not None else ""
+        shown = message_of(err) if err is not None else ""
         updates = [gr.update(value=shown, visible=True) if err is not None and key == k
                    else gr.update(value="", visible=False) for k in FORM_KEYS]
         return updates + [gr.update(value=shown, visible=err is not None and key is None)]
