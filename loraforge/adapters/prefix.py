@@ -26,7 +26,8 @@ reads, so no layer is replaced. Before every forward of the model (a pre-hook, s
 
 - ``cache``: none given (training, evaluation, generation without a cache) -> a read-only cache
   holding the prefix (each layer returns [prefix; new] and keeps nothing, so recomputing a layer
-  for gradient checkpointing sees the same state); an empty one (the start of ``generate``) -> a
+  for gradient checkpointing sees the same state, and the decoder layers are told to keep the
+  cache when checkpointing); an empty one (the start of ``generate``) -> a
   ``DynamicCache`` holding the prefix, which generation then extends; a non-empty one -> already
   begins with the prefix (a decoding step);
 - ``attention_mask``: P ones in front of a 2-D mask; P visible (0 / True) columns in front of a
@@ -155,6 +156,7 @@ class PrefixEncoder(nn.Module):
         self.tokens = config.num_virtual_tokens
         self.model_dtype = getattr(model, "dtype", None)
         self.disabled = False
+        keep_cache_when_checkpointing(model)
         device = next(model.parameters()).device
         width = 2 * layers * kv_heads * head_dim
         if config.projection and not config.folded:
@@ -220,6 +222,17 @@ class PrefixEncoder(nn.Module):
             raise UserError(f"shape {tuple(value.shape)} does not match the model's {tuple(self.embedding.weight.shape)}",
                             where=f"{where}: prompt_embeddings")
         self.embedding.weight.copy_(value)
+
+
+def keep_cache_when_checkpointing(model: nn.Module) -> None:
+    """Let ``model``'s decoder layers keep the cache under transformers' gradient checkpointing
+    (which otherwise drops it, and the prefix with it). Safe for the prefix: the cache of a
+    training forward is read-only, so a layer recomputed in backward reads the same state."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True
 
 
 @functools.cache

@@ -41,6 +41,10 @@ def describe_method(a: AdapterSection, config: Config) -> str:
         size = f"size {bn.bottleneck_size}" if bn.bottleneck_size else f"reduction {bn.reduction_factor or 16}"
         text = (f"bottleneck  {bn.placement}, {size}, {bn.non_linearity or 'default non-linearity'}"
                 f"{'' if bn.residual else ', no residual'}")
+    elif a.method == "prefix":
+        pf = a.prefix
+        projection = f", projection (hidden {pf.projection_hidden or 'd_kv'})" if pf.projection else ""
+        text = f"prefix  {pf.num_virtual_tokens} virtual tokens per layer{projection}"
     else:
         text = f"{a.method}  r={resolved_rank(a)} alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
     if a.method == "sora":
