@@ -209,7 +209,7 @@ class AdapterModel(nn.Module):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = count_parameters(self.model)
+        trainable, total = count_parameters(self)  # the model and shared state (a prefix)
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def save_pretrained(self, directory: str | Path, adapter_names: list[str] | None = None) -> None:

@@ -92,7 +92,7 @@ class PrefixConfig(AdapterConfig):
                                 f"{key} does not apply", where=f"{where}: {key}")
         for key in ("num_virtual_tokens", "projection_hidden", "num_layers", "token_dim", "num_attention_heads"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            if (value is not None or key == "num_virtual_tokens") and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise UserError(f"{key} must be a positive integer, got {value!r}", where=f"{where}: {key}")
         if self.projection_hidden is not None and not self.projection:
             raise UserError("projection_hidden sizes the reparameterisation MLP; set projection: true too",
