@@ -7,7 +7,9 @@ beside the rest of the family: bottleneck adapters, prefix tuning and full fine-
 - SoRA from r0 = 1.5 r with the proximal L1 step on the gates, so it prunes ranks as it trains;
 - bottleneck adapters (Houlsby placement, reduction factor 16: after attention and MLP);
 - prefix tuning (``--prefix-tokens`` virtual tokens per layer, default 20, no projection, its own
-  learning rate ``--prefix-lr``: prefixes are trained at 1e-2-ish rates, as in PEFT's examples);
+  learning rate ``--prefix-lr``: prefixes are trained at 1e-2-ish rates, as in PEFT's examples),
+  once with PEFT's random N(0, 1) init and once with ``init: words`` (Li & Liang's real-token
+  activations, so it starts as the model prompted with those tokens);
 - full fine-tuning (every weight; its own, smaller learning rate ``--full-lr``).
 
 The same short run for each (same data order, AdamW, steps; lr per method as said); printed:
@@ -94,8 +96,10 @@ def main() -> None:
     # name -> (make the trained model from a copy of the base, ranks at the end or None, lr)
     methods = {name: ((lambda model, config=config: attach(model, config)), ranks_of, args.lr)
                for name, (config, ranks_of) in adapters.items()}
-    methods[f"prefix {args.prefix_tokens} tokens"] = (
-        lambda model: attach(model, PrefixConfig(num_virtual_tokens=args.prefix_tokens)), None, args.prefix_lr)
+    for init in ("random", "words"):
+        methods[f"prefix {args.prefix_tokens} tokens, {init}"] = (
+            lambda model, init=init: attach(model, PrefixConfig(num_virtual_tokens=args.prefix_tokens,
+                                                                prefix_init=init)), None, args.prefix_lr)
     methods["full fine-tuning"] = (FullModel, None, args.full_lr)
     print(f"SmolLM2-135M-Instruct (fp32) on {device}; adapters on all linear layers (bottleneck: after attention "
           f"and MLP); {args.steps} steps x {args.batch} alpaca examples, AdamW lr {args.lr:g} (prefix: "

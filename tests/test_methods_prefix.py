@@ -241,7 +241,7 @@ def test_training_on_alpaca_lowers_eval_loss(tmp_path, monkeypatch):
     ])
     console = Console(file=io.StringIO(), width=240)
     result = train(cfg, console=console)
-    assert "prefix  8 virtual tokens per layer, projection" in console.file.getvalue()
+    assert "prefix  8 virtual tokens per layer, projection (hidden d_kv), init random" in console.file.getvalue()
     evals = [r["eval_loss"] for r in log_rows(tmp_path / "out") if "eval_loss" in r]
     assert len(evals) == 8 and all(b < a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] - 0.05
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
@@ -309,3 +309,17 @@ def test_resume_continues_bit_for_bit(tmp_path, monkeypatch):
     assert losses[0] == losses[1]
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors")["prompt_embeddings"] for d in ("whole", "split"))
     assert torch.equal(a, b)
+
+
+def test_words_init_starts_as_the_model_prompted_with_those_tokens(base):
+    am = attach(copy.deepcopy(base), PrefixConfig(num_virtual_tokens=4, prefix_init="words"))
+    words = am.shared["default"].init_ids
+    assert len(words) == 4
+    prompted = base(input_ids=torch.cat([torch.tensor([words]), IDS[:1]], dim=1)).logits[:, 4:]
+    torch.testing.assert_close(am(input_ids=IDS[:1]).logits, prompted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="projection: false"):
+        PrefixConfig(prefix_init="words", projection=True)
+    c = load_config(None, ["data.train=a.jsonl", "adapter.method=prefix", "adapter.prefix.init=words"])
+    assert adapter_config(c.adapter, c.quantization).prefix_init == "words"
+    with pytest.raises(UserError, match="did you mean"):
+        load_config(None, ["data.train=a.jsonl", "adapter.method=prefix", "adapter.prefix.init=word"])

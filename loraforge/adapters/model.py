@@ -59,7 +59,8 @@ class AdapterModel(nn.Module):
         if self.merged_adapters():
             raise UserError("adapters are merged; unmerge() before adding one")
         if method.make_encoder is not None:
-            targets, shared = [], method.make_encoder(config, self.model)
+            with self.disable_adapter():  # an encoder may run the model (prefix init: words) on its own
+                targets, shared = [], method.make_encoder(config, self.model)
             if self._input_hook is None:
                 self._input_hook = self.model.register_forward_pre_hook(self._prepare_inputs, with_kwargs=True)
         else:

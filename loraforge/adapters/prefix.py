@@ -36,8 +36,12 @@ reads, so no layer is replaced. Before every forward of the model (a pre-hook, s
   computes what it would alone (without position ids the model counts from the cache's length,
   P, the same).
 
-PEFT's initialisation: P_theta (or P'_theta) ~ N(0, 1) (``nn.Embedding``), the MLP as
-``nn.Linear``. There is no merge rule: the prefix is attention state, not a weight change.
+Initialisation (``prefix_init``): ``random``, PEFT's: P_theta (or P'_theta) ~ N(0, 1)
+(``nn.Embedding``), the MLP as ``nn.Linear``; ``words``, Li & Liang's advice (sec. 7.4: real
+words beat random): P_theta is the frozen model's own keys and values of P vocabulary tokens
+drawn at random (positions 0..P-1), so the prefixed model starts exactly as the model prompted
+with those tokens (no projection: the MLP's output cannot be set to given activations). There is
+no merge rule: the prefix is attention state, not a weight change.
 
 On disk (PEFT's format, both ways): ``adapter_config.json`` with ``peft_type: "PREFIX_TUNING"``,
 ``task_type: "CAUSAL_LM"``, ``num_virtual_tokens``, ``token_dim`` (d_kv), ``num_attention_heads``
@@ -57,11 +61,12 @@ import torch
 from torch import nn
 
 from loraforge.adapters.base import AdapterConfig, Method, register
-from loraforge.errors import UserError
+from loraforge.errors import UserError, check_choice
 
 NO_MERGE = ("prefix tuning cannot be merged: its prefix is extra key/value attention state in every layer, not a "
             "change of any weight; load the adapter with the base at run time instead (e.g. loraforge generate "
             "MODEL --adapter DIR)")
+INITS = ("random", "words")
 PLACEMENT_KEYS = ("targets", "exclude", "layers_to_transform", "layers_pattern", "modules_to_save")
 
 
@@ -76,6 +81,7 @@ class PrefixConfig(AdapterConfig):
     num_virtual_tokens: int = 20
     projection: bool = False
     projection_hidden: int | None = None  # None: d_kv (PEFT's encoder_hidden_size default)
+    prefix_init: str = "random"  # random (PEFT's N(0, 1)) | words (activations of real tokens)
     folded: bool = False
     num_layers: int | None = None
     token_dim: int | None = None
@@ -94,6 +100,10 @@ class PrefixConfig(AdapterConfig):
             value = getattr(self, key)
             if (value is not None or key == "num_virtual_tokens") and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise UserError(f"{key} must be a positive integer, got {value!r}", where=f"{where}: {key}")
+        check_choice(self.prefix_init, INITS, "prefix init", where=f"{where}: init")
+        if self.prefix_init == "words" and self.projection:
+            raise UserError("init: words sets P_theta to real tokens' keys and values; the projection's output "
+                            "cannot be set so: use projection: false with it", where=f"{where}: init")
         if self.projection_hidden is not None and not self.projection:
             raise UserError("projection_hidden sizes the reparameterisation MLP; set projection: true too",
                             where=f"{where}: projection_hidden")
@@ -167,6 +177,11 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Embedding(self.tokens, width, device=device)
             self.transform = None
+        self.init_ids: list[int] = []  # the tokens of init: words
+        if config.prefix_init == "words" and not config.folded:
+            self.init_ids, activations = word_activations(model, self.tokens)
+            with torch.no_grad():
+                self.embedding.weight.copy_(activations)
 
     def prompt_embeddings(self) -> torch.Tensor:
         """P_theta [P, 2 L d_kv] (the projection applied)."""
@@ -222,6 +237,18 @@ class PrefixEncoder(nn.Module):
             raise UserError(f"shape {tuple(value.shape)} does not match the model's {tuple(self.embedding.weight.shape)}",
                             where=f"{where}: prompt_embeddings")
         self.embedding.weight.copy_(value)
+
+
+@torch.no_grad()
+def word_activations(model: nn.Module, tokens: int) -> tuple[list[int], torch.Tensor]:
+    """(ids, P_theta): ``tokens`` vocabulary ids drawn with torch's generator and the model's keys
+    and values of them as one sequence, in P_theta's layout [P, 2 L d_kv] (float32)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    device = next(model.parameters()).device
+    ids = torch.randint(config.vocab_size, (1, tokens)).to(device)
+    cache = model(input_ids=ids, use_cache=True).cache
+    stacked = torch.stack([t for layer in cache.layers for t in (layer.keys[0], layer.values[0])])
+    return ids[0].tolist(), stacked.permute(2, 0, 1, 3).reshape(tokens, -1).float()
 
 
 def keep_cache_when_checkpointing(model: nn.Module) -> None:

@@ -11,7 +11,7 @@ Schema (public names, see ``shared/design/interface.md``)::
     # method: bottleneck adds Houlsby / Pfeiffer adapters (adapter.bottleneck: placement,
     # reduction_factor | bottleneck_size, non_linearity, residual; adapter.dropout on its input);
     # method: prefix adds key/value prefixes to every attention layer (adapter.prefix:
-    # num_virtual_tokens, projection, projection_hidden; no targets, r, alpha or dropout);
+    # num_virtual_tokens, projection, projection_hidden, init; no targets, r, alpha or dropout);
     # method: full trains every weight of a 16/32-bit base (quantization: null; no other adapter key)
     # init: loftq quantizes the base itself, with bits and code book from quantization.type
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
@@ -103,6 +103,7 @@ class PrefixSection:
     num_virtual_tokens: int = 20
     projection: bool = False  # Li & Liang's reparameterisation MLP (folded away in the saved folder)
     projection_hidden: Union[int, None] = None  # None: the key/value width (PEFT's default)
+    init: str = "random"  # random: PEFT's N(0, 1); words: the model's keys/values of random real tokens
 
 
 @dataclass
@@ -570,6 +571,9 @@ def _check_config(c: Config, where: _Where) -> None:
          f"expected a positive integer, got {pf.projection_hidden}")
     need(pf.projection_hidden is None or pf.projection, "adapter.prefix.projection_hidden",
          "projection_hidden sizes the reparameterisation MLP; set adapter.prefix.projection: true too")
+    from loraforge.adapters.prefix import INITS as PREFIX_INITS
+
+    choice(pf.init, PREFIX_INITS, "adapter.prefix.init", "prefix init")
     if a.init == "loftq" and c.quantization is None:
         raise UserError("init: loftq initialises against a quantized base; set quantization.type "
                         "(e.g. nf4, nf2 or int4)", where=where("adapter.init"))

@@ -44,7 +44,7 @@ def describe_method(a: AdapterSection, config: Config) -> str:
     elif a.method == "prefix":
         pf = a.prefix
         projection = f", projection (hidden {pf.projection_hidden or 'd_kv'})" if pf.projection else ""
-        text = f"prefix  {pf.num_virtual_tokens} virtual tokens per layer{projection}"
+        text = f"prefix  {pf.num_virtual_tokens} virtual tokens per layer{projection}, init {pf.init}"
     else:
         text = f"{a.method}  r={resolved_rank(a)} alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
     if a.method == "sora":
