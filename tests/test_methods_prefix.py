@@ -323,3 +323,7 @@ def test_words_init_starts_as_the_model_prompted_with_those_tokens(base):
     assert adapter_config(c.adapter, c.quantization).prefix_init == "words"
     with pytest.raises(UserError, match="did you mean"):
         load_config(None, ["data.train=a.jsonl", "adapter.method=prefix", "adapter.prefix.init=word"])
+    with pytest.raises(UserError) as info:
+        load_config(None, ["data.train=a.jsonl", "adapter.method=prefix", "adapter.prefix.init=words",
+                           "adapter.prefix.projection=true"])
+    assert "projection: false" in info.value.message and "adapter.prefix.init" in info.value.where

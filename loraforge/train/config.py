@@ -574,6 +574,9 @@ def _check_config(c: Config, where: _Where) -> None:
     from loraforge.adapters.prefix import INITS as PREFIX_INITS
 
     choice(pf.init, PREFIX_INITS, "adapter.prefix.init", "prefix init")
+    need(pf.init != "words" or not pf.projection, "adapter.prefix.init",
+         "init: words sets the prefix to real tokens' keys and values, which the projection's output cannot be "
+         "set to: use adapter.prefix.projection: false with it")
     if a.init == "loftq" and c.quantization is None:
         raise UserError("init: loftq initialises against a quantized base; set quantization.type "
                         "(e.g. nf4, nf2 or int4)", where=where("adapter.init"))
