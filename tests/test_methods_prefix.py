@@ -327,3 +327,20 @@ def test_words_init_starts_as_the_model_prompted_with_those_tokens(base):
         load_config(None, ["data.train=a.jsonl", "adapter.method=prefix", "adapter.prefix.init=words",
                            "adapter.prefix.projection=true"])
     assert "projection: false" in info.value.message and "adapter.prefix.init" in info.value.where
+
+
+def test_multi_query_falcon_takes_its_one_key_value_head_and_loads_in_peft(tmp_path):
+    """PEFT reads Falcon's config as 4 key/value heads (its prefix then fails to run); the cache
+    holds 1 (multi-query), which is what our prefix takes, and PEFT runs our folder."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "falcon", vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)).eval()
+    am = attach(copy.deepcopy(model), PrefixConfig(num_virtual_tokens=3))
+    assert (am.configs["default"].num_attention_heads, am.configs["default"].token_dim) == (1, 16)
+    expected = am(input_ids=IDS, attention_mask=MASK).logits
+    am.save_pretrained(tmp_path)
+    in_peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    torch.testing.assert_close(in_peft(input_ids=IDS, attention_mask=MASK).logits, expected, rtol=0, atol=1e-5)

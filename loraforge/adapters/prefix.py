@@ -134,19 +134,26 @@ class PrefixConfig(AdapterConfig):
                    token_dim=data.get("token_dim"), num_attention_heads=data.get("num_attention_heads"))
 
 
+@torch.no_grad()
 def prefix_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of ``model``'s attention, read from its config as
-    PEFT's ``_prepare_prompt_learning_config`` does (grouped-query attention: key/value heads)."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers, heads = getattr(text, "num_hidden_layers", None), getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
-    if not (layers and heads and hidden):
-        raise UserError(f"prefix tuning needs a decoder config with num_hidden_layers, num_attention_heads and "
-                        f"hidden_size; {type(model).__name__} has none", where="prefix config")
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return layers, kv_heads, head_dim
+    """(layers, key/value heads, head size) of ``model``'s attention, read off the cache of a
+    one-token forward: what the layers really store (grouped-query attention: the key/value heads,
+    as PEFT's ``_prepare_prompt_learning_config`` reads them from the config; multi-query Falcon,
+    whose config PEFT misreads, too)."""
+    device = next(model.parameters()).device
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    out = model(input_ids=one, attention_mask=one, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise UserError(f"prefix tuning needs a decoder whose every layer caches keys and values; "
+                        f"{type(model).__name__} does not", where="prefix config")
+    shapes = {(layer.keys.shape[1], layer.keys.shape[3]) for layer in layers}
+    if len(shapes) > 1:
+        raise UserError(f"the model's layers cache keys of different shapes ({sorted(shapes)}); one prefix "
+                        "shape for all layers is supported", where="prefix config")
+    heads, head_dim = shapes.pop()
+    return len(layers), heads, head_dim
 
 
 class PrefixEncoder(nn.Module):
