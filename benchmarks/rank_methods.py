@@ -103,7 +103,8 @@ def main() -> None:
     methods["full fine-tuning"] = (FullModel, None, args.full_lr)
     print(f"SmolLM2-135M-Instruct (fp32) on {device}; adapters on all linear layers (bottleneck: after attention "
           f"and MLP); {args.steps} steps x {args.batch} alpaca examples, AdamW lr {args.lr:g} (prefix: "
-          f"{args.prefix_lr:g}, full: {args.full_lr:g}), max_length {args.max_length}; eval on the last {args.eval_rows} rows")
+          f"{args.prefix_lr:g}, full: {args.full_lr:g}), max_length {args.max_length}; eval on the last "
+          f"{args.eval_rows} rows")
     rows = [("method", "params start", "params end", "ranks end (sum; min/mean/max)",
              "train loss (last 5)", "eval loss", "s/step")]
     for name, (make, ranks_of, lr) in methods.items():

@@ -98,7 +98,8 @@ class PrefixConfig(AdapterConfig):
                                 f"{key} does not apply", where=f"{where}: {key}")
         for key in ("num_virtual_tokens", "projection_hidden", "num_layers", "token_dim", "num_attention_heads"):
             value = getattr(self, key)
-            if (value is not None or key == "num_virtual_tokens") and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            if not positive and (value is not None or key == "num_virtual_tokens"):
                 raise UserError(f"{key} must be a positive integer, got {value!r}", where=f"{where}: {key}")
         check_choice(self.prefix_init, INITS, "prefix init", where=f"{where}: init")
         if self.prefix_init == "words" and self.projection:
@@ -240,8 +241,9 @@ class PrefixEncoder(nn.Module):
             raise UserError("a saved prefix holds P_theta with the projection folded away; it loads into a prefix "
                             "without a projection (load_adapter does this)", where=where)
         value = tensors["prompt_embeddings"]
-        if value.shape != self.embedding.weight.shape:
-            raise UserError(f"shape {tuple(value.shape)} does not match the model's {tuple(self.embedding.weight.shape)}",
+        expected = tuple(self.embedding.weight.shape)
+        if tuple(value.shape) != expected:
+            raise UserError(f"shape {tuple(value.shape)} does not match the model's {expected}",
                             where=f"{where}: prompt_embeddings")
         self.embedding.weight.copy_(value)
 
