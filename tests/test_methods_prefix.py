@@ -246,6 +246,8 @@ def test_training_on_alpaca_lowers_eval_loss(tmp_path, monkeypatch):
     assert len(evals) == 8 and all(b < a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] - 0.05
     saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert saved.keys() == {"prompt_embeddings"}  # the projection folded away
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "in every attention layer" in card and "PeftModel.from_pretrained" in card and "cannot be merged" in card
     ids = torch.tensor([tokenizer.encode("Describe a process of making crepes.")])
     loaded = load_adapter(tiny_model(tokenizer), tmp_path / "out")
     torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
