@@ -3,6 +3,8 @@
 For a 4-bit layer (QLoRA, Dettmers et al., 2023) with block size B the cost per weight is
 4 + 32/B bits (fp32 absmax per block: 4.5 at B = 64), or with double quantization
 4 + 8/B + 32/(256 B) bits (8-bit absmax, one fp32 scale per 256 blocks: 4.127 at B = 64).
+An LLM.int8 layer (Dettmers et al., 2022) costs 8 + 32/in_features bits (int8 codes, one fp32
+absmax per row: 8.056 for a 576-wide projection).
 The figure reported here is the layer's own ``bits_per_parameter()``; every other tensor
 (embeddings, norms, ``lm_head``, biases) counts its real storage, tied tensors once.
 """
@@ -38,18 +40,22 @@ class MemoryStats:
 
 
 def memory_stats(model: nn.Module) -> MemoryStats:
-    """Parameter counts and bytes of ``model``'s weights, split into 4-bit layers and the rest."""
+    """Parameter counts and bytes of ``model``'s weights, split into quantized layers and the rest."""
+    from loraforge.quant.int8_rowwise import Int8Linear
     from loraforge.quant.linear import QuantLinear
 
     stats = MemoryStats()
     seen: set[int] = set()
     quant_tensors: set[int] = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, Int8Linear)):
             n = module.in_features * module.out_features
             stats.quant_params += n
             stats.quant_bytes += n * module.bits_per_parameter() / 8
-            kind = f"{module.quant_type}, block {module.blocksize}" + (", double quant" if module.double_quant else "")
+            if isinstance(module, Int8Linear):
+                kind = f"{module.quant_type}, threshold {module.threshold:g}"
+            else:
+                kind = f"{module.quant_type}, block {module.blocksize}" + (", double quant" if module.double_quant else "")
             stats.quant_kinds[kind] += n
             quant_tensors.update(id(t) for t in module.parameters(recurse=False))
             quant_tensors.update(id(t) for t in module.buffers(recurse=False))
@@ -71,7 +77,7 @@ def memory_stats(model: nn.Module) -> MemoryStats:
 
 
 def describe_memory(model: nn.Module) -> str:
-    """One line: parameters, bytes and bits per parameter, overall and of the 4-bit layers, e.g.
+    """One line: parameters, bytes and bits per parameter, overall and of the 4-bit (or 8-bit) layers, e.g.
     ``134.5M parameters in 168.2 MB (10.00 bits/param): 106.2M in 4-bit layers at 4.127
     bits/param (nf4, block 64, double quant), 28.3M others in float32``."""
     s = memory_stats(model)
@@ -80,8 +86,9 @@ def describe_memory(model: nn.Module) -> str:
     if not s.quant_params:
         return f"{text}, {dtypes})"
     kinds = "; ".join(s.quant_kinds)
+    bits = "8-bit" if all(k.startswith("llm_int8") for k in s.quant_kinds) else "4-bit"
     return (
-        f"{text}): {_count(s.quant_params)} in 4-bit layers at {s.quant_bits:.3f} bits/param ({kinds}), "
+        f"{text}): {_count(s.quant_params)} in {bits} layers at {s.quant_bits:.3f} bits/param ({kinds}), "
         f"{_count(s.other_params)} others in {dtypes}"
     )
 
