@@ -52,12 +52,15 @@ def load_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
-    llm_int8_threshold: float = DEFAULT_THRESHOLD,
+    llm_int8_threshold: float | None = None,
 ):
     """(model, tokenizer) for a model folder, GGUF file, bnb-4bit/8-bit folder or alias, in eval mode.
 
     ``compute_dtype`` sets the dtype of the unquantized weights and of the 4-bit matmuls; None
     keeps the checkpoint's (float32 for GGUF; a bnb-4bit folder's ``bnb_4bit_compute_dtype``).
+    ``llm_int8_threshold`` is the outlier threshold of ``llm_int8`` layers; None: 6.0 when
+    quantizing, the recorded one for an 8-bit checkpoint (a number replaces it there: it is a
+    setting of the matmul, not of the stored weights).
     """
     if quantize is not None:
         check_choice(quantize, (*QUANT_TYPES, INT8_TYPE), "quantization type")
@@ -75,6 +78,8 @@ def load_model(
             model, tokenizer = load_kbit_checkpoint(path)
         if quantize is not None:
             _check_same_quantization(model, quantize, path)
+        if llm_int8_threshold is not None:
+            _set_threshold(model, llm_int8_threshold, path)
         if device is not None:
             model.to(device)
         set_provenance(model, source, path)
@@ -93,7 +98,7 @@ def load_model(
         from loraforge.quant.replace import quantize_model
 
         quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
-                       threshold=llm_int8_threshold)
+                       threshold=DEFAULT_THRESHOLD if llm_int8_threshold is None else llm_int8_threshold)
     set_provenance(model, source, path)
     return model.eval(), tokenizer
 
@@ -222,3 +227,14 @@ def _check_same_quantization(model, quantize: str, path: Path) -> None:
             f"{quantize} would stack two rounding errors: load it without a quantization type",
             where=str(path),
         )
+
+
+def _set_threshold(model, threshold: float, path: Path) -> None:
+    from loraforge.quant.int8_rowwise import Int8Linear, check_threshold
+
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        raise UserError("an outlier threshold (llm_int8_threshold) was given, but this checkpoint holds no "
+                        "llm_int8 layers", where=str(path))
+    for layer in layers:
+        layer.threshold = check_threshold(threshold)

@@ -136,11 +136,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> "Int8Linear":
-        """Quantize an ``nn.Linear`` (as bitsandbytes' ``Int8Params`` does: through float16)."""
+    def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD,
+                    compute_dtype: torch.dtype | None = None) -> "Int8Linear":
+        """Quantize an ``nn.Linear`` (as bitsandbytes' ``Int8Params`` does: through float16);
+        ``compute_dtype`` defaults to the weight's dtype."""
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, threshold=threshold,
-                    compute_dtype=weight.dtype, device=weight.device)
+                    compute_dtype=compute_dtype or weight.dtype, device=weight.device)
         layer.qweight, layer.scb, _ = quantize_rowwise(weight)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach().to(layer.bias.dtype))
