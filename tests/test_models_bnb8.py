@@ -108,6 +108,11 @@ def test_int8_model_memory_and_refusals(tmp_path, tiny_llama, capsys):
     assert "8-bit layers at 8.4" in describe_memory(model) and "llm_int8, threshold 6" in describe_memory(model)
     out = save_quantized(model, tokenizer, tmp_path / "int8")
     assert load_model(out, quantize="llm_int8")[0] is not None  # the stored type: nothing to do
+    relaxed, _ = load_model(out, llm_int8_threshold=2.5)  # a matmul setting: it replaces the recorded one
+    assert {m.threshold for m in relaxed.modules() if isinstance(m, Int8Linear)} == {2.5}
+    nf4 = save_quantized(load_model(folder, quantize="nf4")[0], tokenizer, tmp_path / "nf4")
+    with pytest.raises(UserError, match="holds no llm_int8 layers"):
+        load_model(nf4, llm_int8_threshold=2.5)
     with pytest.raises(UserError, match="already quantized"):
         load_model(out, quantize="nf4")
 

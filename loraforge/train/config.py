@@ -631,6 +631,8 @@ def _check_config(c: Config, where: _Where) -> None:
              "use train.distributed: ddp")
         need(t.distributed != "fsdp" or a.init != "loftq", "train.distributed",
              "init: loftq saves the quantized base it made, which fsdp holds in shards: use train.distributed: ddp")
+        need(t.distributed != "fsdp" or c.quantization is None or c.quantization.type != "llm_int8",
+             "train.distributed", "fsdp shards 4-bit bases; an llm_int8 base trains with train.distributed: ddp")
     if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
         need(ad.tinit + ad.tfinal < t.steps, "adapter.adalora.tinit",
              f"tinit ({ad.tinit}) + tfinal ({ad.tfinal}) leave none of the {t.steps} steps for AdaLoRA's "
