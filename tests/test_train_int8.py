@@ -156,7 +156,7 @@ def test_full_fine_tuning_refuses_an_int8_base(tmp_path):
 
 
 @pytest.mark.parametrize("text,key,message", [
-    ("{type: llm_int8, blocksize: 64}", "quantization.blocksize", "does not apply to llm_int8"),
+    ("{type: llm_int8, blocksize: 128}", "quantization.blocksize", "does not apply to llm_int8"),
     ("{type: llm_int8, double_quant: false}", "quantization.double_quant", "does not apply to llm_int8"),
     ("{type: nf4, llm_int8_threshold: 4}", "quantization.llm_int8_threshold", "applies to type llm_int8, not nf4"),
     ("{type: llm_int8, llm_int8_threshold: -1}", "quantization.llm_int8_threshold", "finite number >= 0"),
@@ -171,14 +171,17 @@ def test_schema_refuses_what_llm_int8_does_not_take(tmp_path, text, key, message
     assert f"c.yaml:{2 if key.startswith('quant') else 3} ({key})" in str(err.value)
 
 
-def test_schema_accepts_llm_int8_and_the_demo_takes_it_on_the_command_line(tmp_path):
+def test_schema_accepts_llm_int8_dumped_configs_and_the_demo_override(tmp_path):
+    from loraforge.train.config import dump_yaml
     from loraforge.train.demo import demo_config
 
-    (tmp_path / "d.jsonl").write_text("")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: m\nquantization: {type: llm_int8, llm_int8_threshold: 0}\ndata: {train: d.jsonl}\n")
-    assert load_config(cfg).quantization.llm_int8_threshold == 0.0
-    q = demo_config(["quantization.type=llm_int8"]).quantization  # the demo file's blocksize is dropped
+    config = load_config(cfg)
+    assert config.quantization.llm_int8_threshold == 0.0
+    cfg.write_text(dump_yaml(config))  # a run's config.yaml holds every key (blocksize 64, ...): it loads again
+    assert load_config(cfg).quantization == config.quantization
+    q = demo_config(["quantization.type=llm_int8"]).quantization  # the demo's blocksize 64 is the default
     assert q.type == "llm_int8" and q.llm_int8_threshold is None
     with pytest.raises(UserError, match="does not apply to llm_int8"):
         demo_config(["quantization.type=llm_int8", "quantization.blocksize=128"])

@@ -218,7 +218,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(raw, lines, item)
     if not user_file:
         _drop_inapplicable_defaults(raw, lines)
-        _drop_blockwise_defaults(raw, lines)
     written = _resolve_paths(raw, lines, Path(path).resolve().parent if path is not None else None)
     config = _build(Config, raw, "", _Where(source, lines))
     config.source = source
@@ -282,18 +281,6 @@ def _drop_inapplicable_defaults(raw: dict[str, Any], lines: dict[str, int]) -> N
             del adapter[key]
     if method == "full" and lines.get("quantization") != -1:
         raw["quantization"] = None  # the file's 4-bit base cannot be fully fine-tuned
-
-
-def _drop_blockwise_defaults(raw: dict[str, Any], lines: dict[str, int]) -> None:
-    """``quantization.type=llm_int8`` on the command line over a defaults file: drop the file's
-    blocksize / double_quant (settings of the blockwise types it does not take)."""
-    quant = raw.get("quantization")
-    if lines.get("quantization.type") != -1 or not isinstance(quant, dict) or quant.get("type") != "llm_int8":
-        return
-    for key in BLOCKWISE_ONLY:
-        if lines.get(f"quantization.{key}", -1) != -1:
-            quant.pop(key, None)
-            lines.pop(f"quantization.{key}", None)
 
 
 class _Where:
@@ -530,13 +517,13 @@ def _check_config(c: Config, where: _Where) -> None:
         need(bool(q.type), "quantization.type", "expected a quantization type such as nf4")
         need(q.blocksize >= 32 and q.blocksize & (q.blocksize - 1) == 0 and q.blocksize <= 4096,
              "quantization.blocksize", f"expected a power of two in 32..4096, got {q.blocksize}")
+        # Settings of the other kind are refused unless they hold the default (a dumped config has them all).
         int8 = q.type == "llm_int8"
         for key in BLOCKWISE_ONLY:
-            need(not (int8 and f"quantization.{key}" in where.lines), f"quantization.{key}",
+            need(not int8 or getattr(q, key) == getattr(QuantizationConfig, key), f"quantization.{key}",
                  f"{key} does not apply to llm_int8 (int8 rows with one absmax each, no blocks, no nested "
                  "scales): remove it")
-        given = "quantization.llm_int8_threshold" in where.lines
-        need(int8 or not given, "quantization.llm_int8_threshold",
+        need(int8 or q.llm_int8_threshold is None, "quantization.llm_int8_threshold",
              f"llm_int8_threshold applies to type llm_int8, not {q.type}: remove it or set quantization.type: llm_int8")
         need(q.llm_int8_threshold is None or (math.isfinite(q.llm_int8_threshold) and q.llm_int8_threshold >= 0),
              "quantization.llm_int8_threshold",
