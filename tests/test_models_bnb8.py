@@ -49,18 +49,31 @@ def int8_config(threshold: float = 6.0):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
 
 
-def test_quantize_command_writes_what_transformers_writes(tmp_path, tiny_llama, capsys):
-    folder = save_folder(tiny_llama(), tmp_path / "fp32")
+def tiny_qwen2():
+    """A 2-layer Qwen2: its q/k/v projections carry biases, stored beside the int8 weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                  tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantize_command_writes_what_transformers_writes(tmp_path, tiny_llama, capsys, arch):
+    folder = save_folder(tiny_llama() if arch == "llama" else tiny_qwen2(), tmp_path / "fp32")
     out = tmp_path / "ours"
     assert main(["quantize", str(folder), "--out", str(out), "--type", "llm_int8"]) == 0
     printed = capsys.readouterr().out
-    assert "llm_int8 (row-wise absmax, outlier threshold 6)" in printed and "8-bit layers at 8.4" in printed
+    assert "llm_int8 (row-wise absmax, outlier threshold 6)" in printed and "8-bit layers at 8." in printed
 
     reference = tmp_path / "reference"
     load_with_bitsandbytes(folder, quantization_config=int8_config()).save_pretrained(reference)
     assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
     mine, ref = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert sorted(mine) == sorted(ref) and any(k.endswith(".SCB") for k in ref)
+    assert (arch == "qwen2") == ("model.layers.0.self_attn.q_proj.bias" in ref)
     for key in ref:
         assert mine[key].dtype == ref[key].dtype and torch.equal(mine[key], ref[key]), key
 
