@@ -73,8 +73,8 @@ def test_dequantization_gives_the_reference_bits(shape, double_quant):
 def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkeypatch):
     layer = quant_layer(40, 96)
     calls = []
-    real = cpu_gemv.gemv_with_args
-    monkeypatch.setattr(cpu_gemv, "gemv_with_args", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = cpu_gemv.DecodePlan.__call__
+    monkeypatch.setattr(cpu_gemv.DecodePlan, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
     with torch.no_grad():
         x = torch.randn(2, 8, 96)  # 16 rows: fused
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
@@ -93,7 +93,7 @@ def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkey
 
 
 def test_reference_mode_turns_the_kernel_off(reference_kernels, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(cpu_gemv, "gemv_with_args", lambda *a: pytest.fail("fused path used"))
+    monkeypatch.setattr(cpu_gemv.DecodePlan, "__call__", lambda *a: pytest.fail("fused path used"))
     layer = quant_layer(40, 96)
     with torch.no_grad():
         x = torch.randn(1, 96)

@@ -114,7 +114,7 @@ def _load() -> ctypes.CDLL | None:
     except OSError as exc:
         notice(f"loading the 4-bit CPU kernel failed ({exc}): using the PyTorch reference")
         return None
-    lib.lf_gemv4.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P]
+    lib.lf_gemv4.argtypes = [_P, _P, _I, _I, _P]
     lib.lf_gemv4.restype = ctypes.c_int
     lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
     lib.lf_dequant4.restype = None
@@ -132,10 +132,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def weight_args(w: Packed4bit) -> tuple:
-    """The weight's C arguments (packed, absmax f32, absmax u8, nested, map8, offset, code,
-    blocksize): raw pointers, valid while ``w``'s tensors live and do not move. Callers may keep
-    them (QuantLinear does, keyed by its buffers' addresses) to skip this per call."""
+class _Desc(ctypes.Structure):
+    """The C side's ``weight4_desc``: one weight's pointers and sizes."""
+
+    _fields_ = [(name, _P) for name in ("packed", "absmax", "nested", "map8", "offset", "code", "bias", "qabsmax")] + [
+        ("n", _I), ("k", _I), ("blocksize", _I)]
+
+
+def _check_cpu(w: Packed4bit) -> None:
     w.check()
     for name in ("packed", "absmax", "code", "nested_absmax", "nested_code", "offset"):
         t = getattr(w, name)
@@ -144,10 +148,36 @@ def weight_args(w: Packed4bit) -> tuple:
     if w.code.dtype != torch.float32 or (w.double_quant and (w.nested_code.dtype != torch.float32
                                                              or w.offset.dtype != torch.float32)):
         raise ValueError("code books and offset must be float32")
-    if w.double_quant:
-        return (_ptr(w.packed), None, _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code),
-                _ptr(w.offset), _ptr(w.code), w.blocksize)
-    return (_ptr(w.packed), _ptr(w.absmax), None, None, None, None, _ptr(w.code), w.blocksize)
+
+
+class DecodePlan:
+    """One weight's kernel call, prepared once: the C descriptor of ``w`` (raw pointers into its
+    tensors, which the plan keeps alive) and of ``bias`` (float32 or ``None``). Valid while those
+    tensors do not move; :class:`~loraforge.quant.QuantLinear` keeps one per layer and drops it
+    when a buffer is replaced. Calling it is ``x @ dequant(w)^T + bias`` for float32 ``x [..., K]``
+    with at most :data:`MAX_ROWS` rows (no gradient)."""
+
+    def __init__(self, w: Packed4bit, bias: torch.Tensor | None = None):
+        _check_cpu(w)
+        if bias is not None:
+            bias = bias.detach().to("cpu", torch.float32).contiguous()
+        self.n, self.k = w.shape
+        self.tensors = (w.packed, w.absmax, w.code, w.nested_absmax, w.nested_code, w.offset, bias)
+        scales = dict(qabsmax=_ptr(w.absmax), nested=_ptr(w.nested_absmax), map8=_ptr(w.nested_code),
+                      offset=_ptr(w.offset)) if w.double_quant else dict(absmax=_ptr(w.absmax))
+        self.desc = _Desc(packed=_ptr(w.packed), code=_ptr(w.code), bias=_ptr(bias), n=self.n, k=self.k,
+                          blocksize=w.blocksize, **scales)
+        self.address = ctypes.addressof(self.desc)
+        self.call = library().lf_gemv4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
+        if self.call(self.address, x2.data_ptr(), x2.shape[0], x2.stride(0), y.data_ptr()) != 0:
+            raise MemoryError("the 4-bit CPU kernel could not allocate its scratch buffer")
+        return y.view(*x.shape[:-1], self.n)
 
 
 def supports(x: torch.Tensor, w: Packed4bit) -> bool:
@@ -161,27 +191,17 @@ def supports(x: torch.Tensor, w: Packed4bit) -> bool:
 
 def gemv_4bit_cpu(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(w)^T + bias`` for float32 ``x [..., K]`` (no gradient); check :func:`supports` first."""
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-    return gemv_with_args(x, weight_args(w), w.shape[0], bias)
-
-
-def gemv_with_args(x: torch.Tensor, args: tuple, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`gemv_4bit_cpu` with the weight as :func:`weight_args` (``n`` output features) and
-    ``bias`` already a contiguous float32 tensor or ``None``."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    if library().lf_gemv4(x2.data_ptr(), x2.shape[0], x2.stride(0), n, k, *args, _ptr(bias), y.data_ptr()) != 0:
-        raise MemoryError("the 4-bit CPU kernel could not allocate its scratch buffer")
-    return y.view(*x.shape[:-1], n)
+    return DecodePlan(w, bias)(x)
 
 
 def dequantize_4bit_cpu(w: Packed4bit, out: torch.Tensor) -> torch.Tensor:
     """Write the float32 weight (the reference's bits) into ``out`` (contiguous, float32, CPU)."""
-    args = weight_args(w)
+    _check_cpu(w)
+    if w.double_quant:
+        args = (_ptr(w.packed), None, _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code),
+                _ptr(w.offset), _ptr(w.code), w.blocksize)
+    else:
+        args = (_ptr(w.packed), _ptr(w.absmax), None, None, None, None, _ptr(w.code), w.blocksize)
     if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != w.numel or out.device.type != "cpu":
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.numel} values")
     library().lf_dequant4(w.numel, *args, _ptr(out))

@@ -20,6 +20,7 @@ adapters on top of it train.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +61,8 @@ class _DequantizedMatmul(torch.autograd.Function):
         return grad_x, None, None
 
 
-def _fused_decode(layer: "QuantLinear", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The fused CPU product for decode shapes, or ``None`` where it does not apply."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < math.prod(x.shape[:-1]) <= cpu_gemv.MAX_ROWS
-            or (x.requires_grad and torch.is_grad_enabled()) or cpu_gemv.library() is None):
-        return None
-    args = layer._kernel_args()
-    if args is None:
-        return None
-    return cpu_gemv.gemv_with_args(x, args, layer.out_features, None if bias is None else bias.contiguous())
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 class QuantLinear(nn.Module):
@@ -81,6 +75,7 @@ class QuantLinear(nn.Module):
     """
 
     _FLOAT_STATE = ("absmax", "nested_absmax", "offset", "quant_map", "nested_quant_map")
+    _PLAN_STATE = ("qweight", *_FLOAT_STATE)
 
     def __init__(
         self,
@@ -240,27 +235,40 @@ class QuantLinear(nn.Module):
         codes = unpack_codes(self.qweight, math.prod(shape), self.qtype.storage_bits)
         return dequantize_blockwise(codes, self.block_absmax(), self.quant_map, self.blocksize, shape, dtype)
 
-    def _kernel_args(self) -> tuple | None:
-        """The fused CPU kernel's arguments (None: not a 16-code 4-bit CPU layer), kept between
-        calls and rebuilt whenever a buffer is replaced or moved (their addresses are the key)."""
-        state = [getattr(self, name) for name in ("qweight", *self._FLOAT_STATE)]  # buffers or (FSDP) parameters
-        if any(t is not None and type(t) not in (torch.Tensor, nn.Parameter) for t in state):
-            return None  # e.g. a sharded DTensor: the reference path
-        key = tuple(t.data_ptr() for t in state if t is not None)
-        cached = self.__dict__.get("_cpu_args")
-        if cached is None or cached[0] != key:
+    def _decode_plan(self) -> cpu_gemv.DecodePlan | None:
+        """The fused CPU kernel's prepared call (None: the kernel is off, or this is not a 16-code
+        4-bit CPU layer with its state in plain buffers), kept between calls and rebuilt whenever a
+        buffer or the bias is replaced or moved. A float32 bias is added by the kernel itself."""
+        if cpu_gemv.library() is None:
+            return None
+        state = (*map(self._buffers.get, self._PLAN_STATE), self._parameters.get("bias"))
+        kept = self.__dict__.get("_plan")
+        if kept is not None and all(map(operator.is_, kept[0], state)) and kept[1] == _address(state[0]):
+            return kept[2]
+        plan = None
+        if state[0] is not None and all(type(t) in (torch.Tensor, nn.Parameter) for t in state if t is not None):
             w = packed_from_layer(self)
-            ok = w is not None and w.packed.device.type == "cpu" and len(w.shape) == 2
-            cached = self.__dict__["_cpu_args"] = (key, cpu_gemv.weight_args(w) if ok else None)
-        return cached[1]
+            bias = state[-1]
+            if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+                bias = None  # added after the call, in the compute dtype
+            if w is not None and w.packed.device.type == "cpu" and len(w.shape) == 2:
+                plan = cpu_gemv.DecodePlan(w, bias)
+        self.__dict__["_plan"] = (state, _address(state[0]), plan)
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         xc = x.to(self.compute_dtype)
-        out = _fused_decode(self, xc, bias)
-        if out is None:
-            out = _DequantizedMatmul.apply(xc, self, bias)
-        return out.to(x.dtype)
+        if (xc.dtype == torch.float32 and xc.device.type == "cpu"
+                and 0 < xc.numel() <= cpu_gemv.MAX_ROWS * self.in_features
+                and not (xc.requires_grad and torch.is_grad_enabled())):
+            plan = self._decode_plan()
+            if plan is not None:
+                out = plan(xc)
+                if self.bias is not None and plan.tensors[-1] is None:
+                    out = out + self.bias.to(out.dtype)
+                return out.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return _DequantizedMatmul.apply(xc, self, bias).to(x.dtype)
 
     def bits_per_parameter(self) -> float:
         """Stored bits per weight: codes plus scales (nested scales and offset included; the shared

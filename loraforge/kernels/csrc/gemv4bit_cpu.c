@@ -10,12 +10,15 @@
  * accumulated in float32 with fused multiply-adds (only the order and the rounding of the sum
  * differ from a BLAS).
  *
- * The vector paths take 32 weights (16 bytes, one block or a part of one) per step: the high
- * nibbles are the even weights, the low nibbles the odd ones, so x is split once per call into
- * even and odd halves per 32-chunk instead of interleaving W; the 16-entry code book sits in
- * registers (one AVX-512 permute, or two AVX2 permutes and a blend, per 16 lookups). Rows of W
- * are shared among OpenMP threads (the OpenMP runtime torch itself uses), rows of x are taken
- * four at a time so that the accumulators stay in registers.
+ * The vector paths take 32 weights (16 bytes, one block or a part of one) per step. AVX-512: the
+ * high nibbles are the even weights, the low nibbles the odd ones, so x is split once per call into
+ * even and odd halves per 32-chunk instead of interleaving W; the 16-entry code book sits in a
+ * register (one permute per 16 lookups). AVX2 (no 16-entry float permute): the book is kept as four
+ * byte planes and looked up with byte shuffles (see row_vec), x reordered once per call to match.
+ * Rows of W are handed out to OpenMP threads (the OpenMP runtime torch itself uses) in chunks of
+ * 16, dynamically, so a thread the OS has paused does not hold up the rest; products under 2^18
+ * multiply-adds stay on the calling thread. Rows of x are taken four at a time so that the
+ * accumulators stay in registers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +37,24 @@ typedef struct {
     const float *code;          /* 16 values */
     int64_t blocksize;
     int shift;                  /* log2(blocksize): block sizes are powers of two */
+    uint8_t planes[4][16];      /* byte p of code[q] at planes[p][q] (the AVX2 lookup) */
 } weight4;
+
+static void set_planes(weight4 *w) {
+    for (int q = 0; q < 16; ++q) {
+        uint32_t bits;
+        memcpy(&bits, w->code + q, 4);
+        for (int p = 0; p < 4; ++p) w->planes[p][q] = (uint8_t)(bits >> (8 * p));
+    }
+}
+
+/* One weight as the Python side describes it once per layer (kernels/cpu_gemv.py: _Desc). */
+typedef struct {
+    const uint8_t *packed;
+    const float *absmax, *nested, *map8, *offset, *code, *bias;
+    const uint8_t *qabsmax;
+    int64_t n, k, blocksize;
+} weight4_desc;
 
 static int log2i(int64_t v) {
     int s = 0;
@@ -66,9 +86,9 @@ static void row_scalar(const weight4 *w, const float *x, int64_t M, int64_t ldx,
     }
 }
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
 /* x [M, K] -> xs [M, K]: per 32-chunk its 16 even then its 16 odd elements */
-static void split_even_odd(const float *x, int64_t M, int64_t ldx, int64_t K, float *xs) {
+static void split_chunks(const float *x, int64_t M, int64_t ldx, int64_t K, float *xs) {
     for (int64_t m = 0; m < M; ++m)
         for (int64_t c = 0; c < K; c += 32)
             for (int j = 0; j < 16; ++j) {
@@ -76,9 +96,7 @@ static void split_even_odd(const float *x, int64_t M, int64_t ldx, int64_t K, fl
                 xs[m * K + c + 16 + j] = x[m * ldx + c + 2 * j + 1];
             }
 }
-#endif
 
-#if defined(__AVX512F__)
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* MT rows of x (MT <= 4) against one row of W; K % 32 == 0. Even and odd weights accumulate
@@ -106,6 +124,21 @@ static inline __attribute__((always_inline)) void row_vec(const weight4 *w, cons
     for (int m = 0; m < MT; ++m) out[m] = hsum(_mm512_add_ps(acc[m], odd[m]));
 }
 #elif defined(__AVX2__)
+/* The code book lookup without a float permute: byte p of code[q] for 32 codes at once is one
+ * byte shuffle (vpshufb) of the book's byte plane p, and two rounds of byte / word unpacking put
+ * the four planes back together into floats. Per 128-bit lane that yields, in vector i = 0..3,
+ * the even weights c + 8i + 2t (t = 0..3) in the low lane and the odd ones c + 8i + 2t + 1 in the
+ * high lane: x is reordered once per call to match (split_chunks). */
+static void split_chunks(const float *x, int64_t M, int64_t ldx, int64_t K, float *xs) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < K; c += 32)
+            for (int i = 0; i < 4; ++i)
+                for (int t = 0; t < 4; ++t) {
+                    xs[m * K + c + 8 * i + t] = x[m * ldx + c + 8 * i + 2 * t];
+                    xs[m * K + c + 8 * i + 4 + t] = x[m * ldx + c + 8 * i + 2 * t + 1];
+                }
+}
+
 #if defined(__FMA__)
 #define MADD256(a, b, c) _mm256_fmadd_ps(a, b, c)
 #else
@@ -118,50 +151,63 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline __m256 lookup(__m256i idx, __m256 lo8, __m256 hi8, __m256i seven) {
-    __m256 a = _mm256_permutevar8x32_ps(lo8, idx);
-    __m256 b = _mm256_permutevar8x32_ps(hi8, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
-}
-
+/* MT rows of x (MT <= 4) against one row of W; K % 32 == 0 and blocksize >= 32, so a block
+ * scale holds for a whole 32-chunk. NC = 4 (one row) or 2 chains of fused multiply-adds per row. */
 static inline __attribute__((always_inline)) void row_vec(const weight4 *w, const float *xs, int MT, int64_t K, int64_t n, float *out) {
-    const __m256 lo8 = _mm256_loadu_ps(w->code), hi8 = _mm256_loadu_ps(w->code + 8);
-    const __m256i low4 = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
-    __m256 acc[4], odd[4];
-    for (int m = 0; m < 4; ++m) acc[m] = odd[m] = _mm256_setzero_ps();
+    __m256i plane[4];
+    for (int p = 0; p < 4; ++p) plane[p] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->planes[p]));
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const int NC = MT == 1 ? 4 : 2;
+    __m256 acc[4][4];
+    for (int m = 0; m < 4; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
     const uint8_t *row = w->packed + ((n * K) >> 1);
     int64_t block = -1;
     __m256 scale = _mm256_setzero_ps();
     for (int64_t c = 0; c < K; c += 32) {
         int64_t b = (n * K + c) >> w->shift;
         if (b != block) { block = b; scale = _mm256_set1_ps(block_scale(w, b)); }
-        for (int h = 0; h < 2; ++h) {   /* bytes 8h .. 8h + 7: even / odd weights 8h .. 8h + 7 */
-            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + (c >> 1) + 8 * h)));
-            __m256 we = _mm256_mul_ps(lookup(_mm256_srli_epi32(q, 4), lo8, hi8, seven), scale);
-            __m256 wo = _mm256_mul_ps(lookup(_mm256_and_si256(q, low4), lo8, hi8, seven), scale);
-            for (int m = 0; m < MT; ++m) {
-                const float *xm = xs + m * K + c + 8 * h;
-                acc[m] = MADD256(we, _mm256_loadu_ps(xm), acc[m]);
-                odd[m] = MADD256(wo, _mm256_loadu_ps(xm + 16), odd[m]);
-            }
+        /* both lanes hold the 16 bytes; the low lane takes their high nibbles (even weights) */
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + (c >> 1))));
+        __m256i q = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), low4);
+        __m256i b0 = _mm256_shuffle_epi8(plane[0], q), b1 = _mm256_shuffle_epi8(plane[1], q);
+        __m256i b2 = _mm256_shuffle_epi8(plane[2], q), b3 = _mm256_shuffle_epi8(plane[3], q);
+        __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+        __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+        __m256 wv[4] = {
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale),
+            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale),
+        };
+        for (int m = 0; m < MT; ++m) {
+            const float *xm = xs + m * K + c;
+            for (int i = 0; i < 4; ++i)
+                acc[m][i % NC] = MADD256(wv[i], _mm256_loadu_ps(xm + 8 * i), acc[m][i % NC]);
         }
     }
-    for (int m = 0; m < MT; ++m) out[m] = hsum(_mm256_add_ps(acc[m], odd[m]));
+    for (int m = 0; m < MT; ++m) {
+        __m256 s = acc[m][0];
+        for (int j = 1; j < NC; ++j) s = _mm256_add_ps(s, acc[m][j]);
+        out[m] = hsum(s);
+    }
 }
 #endif
 
 /* y [M, N] (row stride N) = x [M, K] (row stride ldx) @ W^T (+ bias); returns 0, or -1 when out of memory */
-int lf_gemv4(const float *x, int64_t M, int64_t ldx, int64_t N, int64_t K,
-             const uint8_t *packed, const float *absmax, const uint8_t *qabsmax, const float *nested,
-             const float *map8, const float *offset, const float *code, int64_t blocksize,
-             const float *bias, float *y) {
-    weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize)};
+int lf_gemv4(const weight4_desc *d, const float *x, int64_t M, int64_t ldx, float *y) {
+    const int64_t N = d->n, K = d->k;
+    weight4 w = {d->packed, d->absmax, d->qabsmax, d->nested, d->map8, d->offset, d->code, d->blocksize,
+                 log2i(d->blocksize), {{0}}};
+    set_planes(&w);
+    /* small products run on the calling thread: waking the team costs more than it saves */
+    const int team = N * K * M >= (1 << 18);
 #if defined(__AVX2__)
-    if (K % 32 == 0) {
+    if (K % 32 == 0 && d->blocksize >= 32) {
         float *xs = (float *)malloc(sizeof(float) * (size_t)(M * K));
         if (!xs) return -1;
-        split_even_odd(x, M, ldx, K, xs);
-        #pragma omp parallel for schedule(static)
+        split_chunks(x, M, ldx, K, xs);
+        #pragma omp parallel for schedule(dynamic, 16) if (team)
         for (int64_t n = 0; n < N; ++n) {
             float out[4];
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
@@ -180,12 +226,12 @@ int lf_gemv4(const float *x, int64_t M, int64_t ldx, int64_t N, int64_t K,
     } else
 #endif
     {
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for schedule(static) if (team)
         for (int64_t n = 0; n < N; ++n) row_scalar(&w, x, M, ldx, K, n, y, N);
     }
-    if (bias)
+    if (d->bias)
         for (int64_t m = 0; m < M; ++m)
-            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] += d->bias[n];
     return 0;
 }
 
@@ -193,7 +239,7 @@ int lf_gemv4(const float *x, int64_t M, int64_t ldx, int64_t N, int64_t K,
 void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
                  const float *nested, const float *map8, const float *offset, const float *code, int64_t blocksize,
                  float *out) {
-    weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize)};
+    weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize), {{0}}};
     int64_t nblocks = (numel + blocksize - 1) >> w.shift;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
