@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
 import pytest
 import torch
-from helpers_models import logits, sample_ids, save_folder, tiny_tokenizer
+from helpers_models import logits, sample_ids, save_folder, smollm2_loads, tiny_tokenizer
 from safetensors.torch import load_file
 
 from loraforge.cli import main
@@ -139,3 +140,35 @@ def test_int8_model_memory_and_refusals(tmp_path, tiny_llama, capsys):
     assert "--no-double-quant" in refused(str(folder), "--type", "llm_int8", "--no-double-quant")
     assert "belongs to --type llm_int8" in refused(str(folder), "--llm-int8-threshold", "4")
     assert "finite number >= 0" in refused(str(folder), "--type", "llm_int8", "--llm-int8-threshold", "-1")
+
+
+@pytest.mark.slow
+def test_smollm2_layers_through_bitsandbytes_8bit(tmp_path, smollm2_gguf):
+    """The real SmolLM2 weights (its first 2 of 30 layers) and a real prompt: activations with
+    outlier features above 6.0, so the decomposition runs, and still bitsandbytes' logits exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.quant.int8_rowwise import quantize_rowwise
+    from loraforge.quant.replace import quantize_model
+
+    loads = smollm2_loads()
+    config = copy.deepcopy(loads["warm"].config)
+    config.num_hidden_layers = 2
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loads["warm"].state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb = loads["warm"].model.rotary_emb
+    model.eval()
+    ids = loads["tokenizer"]("The capital of France is Paris. Water boils at 100 degrees.", return_tensors="pt").input_ids
+    full = logits(model, ids)
+    quantize_model(model, quant_type="llm_int8")
+    seen = []
+    hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    ours = logits(model, ids)
+    hook.remove()
+    assert quantize_rowwise(seen[0].reshape(-1, seen[0].shape[-1]), 6.0)[2].numel() > 0  # outlier columns
+    out = save_quantized(model, loads["tokenizer"], tmp_path / "smollm2-int8")
+    assert torch.equal(logits(load_with_bitsandbytes(out), ids), ours)
+    assert torch.equal(logits(load_model(out)[0], ids), ours)
+    assert (ours - full).norm() < 0.1 * full.norm()  # 8-bit, yet the same model
