@@ -83,6 +83,16 @@ def test_forward_and_input_gradient_equal_bitsandbytes(dtype, shape):
     assert err_mixed < err_int8
 
 
+def test_autocast_does_not_round_the_integer_product():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(256, 32))
+    x = inputs_with_outliers(torch.float32, 4, 256) * 30  # int32 sums far beyond bfloat16's 8 bits
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_activation_quantization_equals_bitsandbytes():
     x = inputs_with_outliers(torch.float16, 6, 32)
     for threshold in (0.0, 6.0):

@@ -76,16 +76,18 @@ def _int32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
                 threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
     """LLM.int8's ``x W^T + b`` for a row-wise quantized ``W`` (``codes`` [out, in], ``scb`` [out]),
-    in ``x``'s dtype (see the module docstring). No gradient; :class:`Int8Linear` adds the input's."""
+    in ``x``'s dtype also under autocast (see the module docstring). No gradient; :class:`Int8Linear`
+    adds the input's."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    a, sca, cols = quantize_rowwise(x2, threshold)
-    out = _int32_product(a, codes) * (sca.view(-1, 1) * scb.view(1, -1)) * MM_DEQUANT
-    if bias is not None:
-        out += bias.to(x.dtype)
-    out = out.to(x.dtype)
-    if cols is not None and cols.numel():
-        out = out.addmm(x2[:, cols], dequantize_rowwise(codes[:, cols], scb, x.dtype).t())
+    with torch.autocast(x.device.type, enabled=False):  # an autocast matmul would round the int32 sums
+        a, sca, cols = quantize_rowwise(x2, threshold)
+        out = _int32_product(a, codes) * (sca.view(-1, 1) * scb.view(1, -1)) * MM_DEQUANT
+        if bias is not None:
+            out += bias.to(x.dtype)
+        out = out.to(x.dtype)
+        if cols is not None and cols.numel():
+            out = out.addmm(x2[:, cols], dequantize_rowwise(codes[:, cols], scb, x.dtype).t())
     return out.view(*shape[:-1], codes.shape[0])
 
 
