@@ -143,6 +143,15 @@ def test_training_on_int8_base_and_merging_into_it(tmp_path, capsys):
     # It computes in full precision what training computed with int8 activations: close, not equal.
     assert (_logits(merged, ids) - want).abs().max() < 0.05 * want.abs().max()
 
+    # An 8-bit folder of the same base (loraforge quantize) is merged into as stored: the same weights.
+    folder = tmp_path / "base-int8"
+    assert main(["quantize", str(base), "--out", str(folder), "--type", "llm_int8", "--llm-int8-threshold", "3"]) == 0
+    capsys.readouterr()
+    assert main(["merge", str(folder), "--adapter", str(run), "--out", str(tmp_path / "m8"), "--dtype", "fp32"]) == 0
+    assert f"the 8-bit weights of {folder} (dequantized)" in capsys.readouterr().err.replace("\n", "")
+    again = load_file(tmp_path / "m8" / "model.safetensors")
+    assert sorted(again) == sorted(weights) and all(torch.equal(again[k], weights[k]) for k in weights)
+
     # --format nf4 would quantize the untouched int8 layers a second time
     assert main(["merge", str(base), "--adapter", str(run), "--out", str(tmp_path / "nf4"), "--format", "nf4"]) == 2
     assert "--format safetensors" in capsys.readouterr().err
