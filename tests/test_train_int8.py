@@ -194,3 +194,28 @@ def test_schema_accepts_llm_int8_dumped_configs_and_the_demo_override(tmp_path):
     assert q.type == "llm_int8" and q.llm_int8_threshold is None
     with pytest.raises(UserError, match="does not apply to llm_int8"):
         demo_config(["quantization.type=llm_int8", "quantization.blocksize=128"])
+
+
+@pytest.mark.parametrize("quantization", ["{type: llm_int8}", "{type: nf4, blocksize: 32}", "null"])
+def test_dry_run_estimates_the_base_weights_as_loading_would_hold_them(tmp_path, capsys, quantization):
+    """The dry run reads no weights, yet its figure is the one describe_memory gives for the loaded
+    (and quantized) base: 8-bit rows cost 8 + 32 / in_features bits."""
+    from loraforge.models import describe_memory
+
+    tok = bpe_tokenizer()
+    base = save_base(tiny_model(tok), tok, tmp_path / "base")
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {base}\nquantization: {quantization}\ndata: {{train: {data}, format: messages}}\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    assert main(["train", str(cfg), "--dry-run"]) == 0
+    printed = capsys.readouterr().out.replace("\n", " ")
+    config = load_config(cfg)
+    q = config.quantization
+    loaded, _ = (load_model(base) if q is None else
+                 load_model(base, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant))
+    assert f"base weights (estimated from the model config, none loaded): {describe_memory(loaded)}" in printed
+    if q is not None and q.type == "llm_int8":
+        assert "in 8-bit layers at 8." in printed
