@@ -10,14 +10,17 @@ mixed-precision decomposition: the feature columns ``O = {j : max_t |X_tj| >= th
 default; 0 turns the decomposition off) are multiplied in the input's precision with the
 dequantized weight columns, the rest in int8 with int32 accumulation:
 
-    X~ = X with O zeroed,  s_t = max_j |X~_tj|,  A_tj = round(127 X~_tj / s_t)   (A[:, O] = 0)
+    X~ = X with its entries |X_tj| >= threshold zeroed,  s_t = max_j |X~_tj|,
+    A_tj = round(127 X~_tj / s_t), then A[:, O] = 0 (with more than one row)
     Y  = (A C^T) * (s_t SCB_i) * 6.200124e-05 + b  +  X[:, O] (C[:, O] * SCB / 127)^T
 
-(6.200124e-05 ~ 1/127^2.) Every step follows bitsandbytes 0.50's CPU backend byte for byte: the
+The other entries of an outlier column still count towards ``s_t``, as in bitsandbytes, and
+6.200124e-05 ~ 1/127^2 is its constant. Every step follows bitsandbytes 0.50's CPU backend byte for byte: the
 weight and the activation are rounded through float16 before they are quantized (bitsandbytes'
 ``Int8Params`` and ``MatMul8bitLt`` cast both), the scale is taken over the float16 values with the
 outliers already zeroed, the int32 product is exact integer arithmetic on AVX-512 CPUs
-(``torch._int_mm``) and a float32 matmul of the codes elsewhere, as there; dequantization is
+(``torch._int_mm``) and a float32 matmul of the codes elsewhere, as there (exact while a sum stays
+below 2**24; on a GPU only with TF32 matmuls off, PyTorch's default); dequantization is
 ``C * SCB * 7.874015718698502e-3`` in float32, then one cast. The input gradient is
 ``dY (C * (SCB / 127))`` in the input's dtype, as in bitsandbytes' backward; the weight is frozen.
 
