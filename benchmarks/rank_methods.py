@@ -1,11 +1,15 @@
 """LoRA vs AdaLoRA vs SoRA at a similar parameter budget on alpaca data (SmolLM2-135M-Instruct),
-beside the two ends of the family: bottleneck adapters and full fine-tuning.
+beside the rest of the family: bottleneck adapters, prefix tuning and full fine-tuning.
 
 - LoRA r (default 8) on every linear layer;
 - AdaLoRA from init_r = 1.5 r down to target_r = r (average), the budget moved between modules
   by importance (tinit / tfinal = 10% / 25% of the steps);
 - SoRA from r0 = 1.5 r with the proximal L1 step on the gates, so it prunes ranks as it trains;
 - bottleneck adapters (Houlsby placement, reduction factor 16: after attention and MLP);
+- prefix tuning (``--prefix-tokens`` virtual tokens per layer, default 20, no projection, its own
+  learning rate ``--prefix-lr``: prefixes are trained at 1e-2-ish rates, as in PEFT's examples),
+  once with PEFT's random N(0, 1) init and once with ``init: words`` (Li & Liang's real-token
+  activations, so it starts as the model prompted with those tokens);
 - full fine-tuning (every weight; its own, smaller learning rate ``--full-lr``).
 
 The same short run for each (same data order, AdamW, steps; lr per method as said); printed:
@@ -61,13 +65,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--full-lr", type=float, default=2e-5, help="learning rate of full fine-tuning")
+    parser.add_argument("--prefix-lr", type=float, default=1e-2, help="learning rate of prefix tuning")
+    parser.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning's virtual tokens per layer")
     parser.add_argument("--sora-lambda", type=float, default=20.0)
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from loraforge.adapters import BottleneckConfig, LoraConfig, attach
+    from loraforge.adapters import BottleneckConfig, LoraConfig, PrefixConfig, attach
     from loraforge.adapters.adalora import AdaloraConfig
     from loraforge.adapters.sora import SoraConfig
     from loraforge.models import load_model
@@ -90,10 +96,15 @@ def main() -> None:
     # name -> (make the trained model from a copy of the base, ranks at the end or None, lr)
     methods = {name: ((lambda model, config=config: attach(model, config)), ranks_of, args.lr)
                for name, (config, ranks_of) in adapters.items()}
+    for init in ("random", "words"):
+        methods[f"prefix {args.prefix_tokens} tokens, {init}"] = (
+            lambda model, init=init: attach(model, PrefixConfig(num_virtual_tokens=args.prefix_tokens,
+                                                                prefix_init=init)), None, args.prefix_lr)
     methods["full fine-tuning"] = (FullModel, None, args.full_lr)
     print(f"SmolLM2-135M-Instruct (fp32) on {device}; adapters on all linear layers (bottleneck: after attention "
-          f"and MLP); {args.steps} steps x {args.batch} alpaca examples, AdamW lr {args.lr:g} (full: "
-          f"{args.full_lr:g}), max_length {args.max_length}; eval on the last {args.eval_rows} rows")
+          f"and MLP); {args.steps} steps x {args.batch} alpaca examples, AdamW lr {args.lr:g} (prefix: "
+          f"{args.prefix_lr:g}, full: {args.full_lr:g}), max_length {args.max_length}; eval on the last "
+          f"{args.eval_rows} rows")
     rows = [("method", "params start", "params end", "ranks end (sum; min/mean/max)",
              "train loss (last 5)", "eval loss", "s/step")]
     for name, (make, ranks_of, lr) in methods.items():

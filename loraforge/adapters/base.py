@@ -311,14 +311,21 @@ class Method:
     ``peft_tensors(config) -> dict`` (full on-disk keys) and ``load_peft_tensors(dict, where)``.
     ``merge_refusal``: for a method without a merge rule (bottleneck adapters), the message
     ``merge`` raises; None for the methods that merge.
+
+    ``make_encoder(config, model)``: for a method that wraps no layer but acts on the model's
+    inputs (prefix tuning: ``layer_cls`` None), builds the adapter's module. The AdapterModel
+    keeps it in ``shared`` (saving and loading use its ``peft_tensors`` / ``load_peft_tensors``)
+    and, while the adapter is active and not disabled, passes every forward's arguments of the
+    model through its ``prepare_inputs(args, kwargs) -> (args, kwargs)``.
     """
 
     name: str
     peft_type: str
     config_cls: type[AdapterConfig]
-    layer_cls: type[AdapterLayer]
+    layer_cls: type[AdapterLayer] | None
     make_shared: Callable[[AdapterConfig, dict[str, nn.Module]], nn.Module] | None = None
     merge_refusal: str | None = None
+    make_encoder: Callable[[AdapterConfig, nn.Module], nn.Module] | None = None
 
 
 REGISTRY: dict[str, Method] = {}

@@ -11,6 +11,10 @@ Several adapters can live on one model (``add_adapter`` / ``set_adapter`` / ``de
 ``set_adapter([])`` runs none). Only the active adapters that were added as trainable have
 ``requires_grad``. ``merge`` folds the active adapters into the base weights (a 4-bit base
 becomes a dense layer in its compute dtype, never re-quantized) and ``unmerge`` restores the base.
+
+A method that wraps no layer (prefix tuning, ``Method.make_encoder``) keeps its module in
+``shared`` and acts through one forward pre-hook on the model, which hands each forward's
+arguments to the active adapter's ``prepare_inputs`` (one such adapter is active at a time).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class AdapterModel(nn.Module):
         self.active_adapters: list[str] = []
         self.trainable_adapters: set[str] = set()
         self.method: Method | None = None
+        self._input_hook: Any = None  # the forward pre-hook of a make_encoder method
         freeze_base(model)
 
     # ----- adapters -----------------------------------------------------------------------
@@ -53,7 +58,13 @@ class AdapterModel(nn.Module):
                             where="adapter method")
         if self.merged_adapters():
             raise UserError("adapters are merged; unmerge() before adding one")
-        targets, shared = inject(self.model, config, name, method)
+        if method.make_encoder is not None:
+            with self.disable_adapter():  # an encoder may run the model (prefix init: words) on its own
+                targets, shared = [], method.make_encoder(config, self.model)
+            if self._input_hook is None:
+                self._input_hook = self.model.register_forward_pre_hook(self._prepare_inputs, with_kwargs=True)
+        else:
+            targets, shared = inject(self.model, config, name, method)
         self.method = method
         self.configs[name], self.targets[name] = config, targets
         if shared is not None:
@@ -69,6 +80,9 @@ class AdapterModel(nn.Module):
             if name not in self.configs:
                 raise UserError(f"no adapter named {name!r}; adapters: {', '.join(self.configs) or 'none'}",
                                 where="adapter name")
+        if len(names) > 1 and self.method is not None and self.method.make_encoder is not None:
+            raise UserError(f"{self.method.name} adapters act one at a time; activate one of {', '.join(names)}",
+                            where="adapter name")
         self.unmerge()
         self.active_adapters = names
         self._update_modules()
@@ -95,6 +109,9 @@ class AdapterModel(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != name]
         if not self.configs:
             self.method = None
+            if self._input_hook is not None:
+                self._input_hook.remove()
+                self._input_hook = None
         self._update_modules()
 
     def _layers(self) -> Iterator[AdapterLayer]:
@@ -115,6 +132,20 @@ class AdapterModel(nn.Module):
             wrapper.active = next((n for n in self.active_adapters if n in wrapper.modules_to_save), None)
             for name, module in wrapper.modules_to_save.items():
                 module.requires_grad_(name == wrapper.active and name in self.trainable_adapters)
+        for name, encoder in self._encoders().items():
+            encoder.requires_grad_(name in self.active_adapters and name in self.trainable_adapters)
+
+    def _encoders(self) -> dict[str, nn.Module]:
+        """The modules of a make_encoder method's adapters (prefix tuning), by adapter name."""
+        if self.method is None or self.method.make_encoder is None:
+            return {}
+        return dict(self.shared.items())
+
+    def _prepare_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        """The model's forward pre-hook: the active encoder's changes to the arguments, if any."""
+        encoders = self._encoders()
+        active = [encoders[n] for n in self.active_adapters if n in encoders and not encoders[n].disabled]
+        return active[0].prepare_inputs(args, kwargs) if active else None
 
     # ----- merging and disabling -------------------------------------------------------------
     def merged_adapters(self) -> list[str]:
@@ -162,6 +193,7 @@ class AdapterModel(nn.Module):
         merged = {id(layer): list(layer.merged_adapters) for layer in self._layers()}
         self.unmerge()
         wrappers = [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+        wrappers += list(self._encoders().values())
         for module in wrappers:
             module.disabled = True
         try:
@@ -178,7 +210,7 @@ class AdapterModel(nn.Module):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = count_parameters(self.model)
+        trainable, total = count_parameters(self)  # the model and shared state (a prefix)
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def save_pretrained(self, directory: str | Path, adapter_names: list[str] | None = None) -> None:

@@ -171,13 +171,12 @@ class DecodePlan:
         self.call = library().lf_gemv4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
-        if self.call(self.address, x2.data_ptr(), x2.shape[0], x2.stride(0), y.data_ptr()) != 0:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty((*x.shape[:-1], self.n), dtype=torch.float32)
+        if self.call(self.address, x.data_ptr(), x.numel() // self.k, self.k, y.data_ptr()) != 0:
             raise MemoryError("the 4-bit CPU kernel could not allocate its scratch buffer")
-        return y.view(*x.shape[:-1], self.n)
+        return y
 
 
 def supports(x: torch.Tensor, w: Packed4bit) -> bool:

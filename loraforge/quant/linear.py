@@ -257,16 +257,16 @@ class QuantLinear(nn.Module):
         return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self.compute_dtype)
+        xc = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         if (xc.dtype == torch.float32 and xc.device.type == "cpu"
                 and 0 < xc.numel() <= cpu_gemv.MAX_ROWS * self.in_features
                 and not (xc.requires_grad and torch.is_grad_enabled())):
             plan = self._decode_plan()
             if plan is not None:
                 out = plan(xc)
-                if self.bias is not None and plan.tensors[-1] is None:
+                if plan.tensors[-1] is None and self.bias is not None:
                     out = out + self.bias.to(out.dtype)
-                return out.to(x.dtype)
+                return out if out.dtype == x.dtype else out.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         return _DequantizedMatmul.apply(xc, self, bias).to(x.dtype)
 

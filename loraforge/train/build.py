@@ -139,13 +139,15 @@ def _changed_keys(section: Any, defaults: Any, prefix: str = "") -> list[tuple[s
     return changed
 
 
-SUBSECTIONS = ("loftq", "adalora", "sora", "vera", "bottleneck")
+SUBSECTIONS = ("loftq", "adalora", "sora", "vera", "bottleneck", "prefix")
 # why a shared key does not apply to a method (AdaLoRA's own rank_pattern holds the allocator's
 # kept-triplet masks, not ranks, so the shared key must not reach it)
 NOT_APPLICABLE = {
     ("adalora", "r"): " (its ranks are adapter.adalora.init_r at the start and target_r on average at the end)",
     ("adalora", "rank_pattern"): " (AdaLoRA allocates each module's rank itself, from adapter.adalora.init_r "
                                  "down to target_r on average)",
+    **{("prefix", key): " (prefix tuning adds key/value prefixes to every attention layer and wraps no module)"
+       for key in ("targets", "exclude", "layers_to_transform", "modules_to_save")},
 }
 
 

@@ -6,10 +6,12 @@ Schema (public names, see ``shared/design/interface.md``)::
     model: smollm2-135m-instruct        # HF folder | .gguf file | bnb-4bit folder | alias
     quantization: {type: nf4, double_quant: true, blocksize: 64}   # or null; or {type: llm_int8, llm_int8_threshold: 6.0}
     adapter: {method: lora, r: 16, alpha: 16, dropout: 0.0, targets: all-linear, ...
-              loftq: {...}, adalora: {...}, sora: {...}, vera: {...}, bottleneck: {...}}
+              loftq: {...}, adalora: {...}, sora: {...}, vera: {...}, bottleneck: {...}, prefix: {...}}
     # method: adalora | sora is one line (the loop drives their rank allocation / gate step);
     # method: bottleneck adds Houlsby / Pfeiffer adapters (adapter.bottleneck: placement,
     # reduction_factor | bottleneck_size, non_linearity, residual; adapter.dropout on its input);
+    # method: prefix adds key/value prefixes to every attention layer (adapter.prefix:
+    # num_virtual_tokens, projection, projection_hidden, init; no targets, r, alpha or dropout);
     # method: full trains every weight of a 16/32-bit base (quantization: null; no other adapter key)
     # init: loftq quantizes the base itself, with bits and code book from quantization.type
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
@@ -41,7 +43,7 @@ import yaml
 
 from loraforge.errors import UserError, check_choice, did_you_mean
 
-METHODS = ("lora", "dora", "vera", "adalora", "sora", "bottleneck", "full")
+METHODS = ("lora", "dora", "vera", "adalora", "sora", "bottleneck", "prefix", "full")
 INITS = ("default", "gaussian", "pissa", "loftq")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -103,6 +105,14 @@ class BottleneckSection:
 
 
 @dataclass
+class PrefixSection:
+    num_virtual_tokens: int = 20
+    projection: bool = False  # Li & Liang's reparameterisation MLP (folded away in the saved folder)
+    projection_hidden: Union[int, None] = None  # None: the key/value width (PEFT's default)
+    init: str = "random"  # random: PEFT's N(0, 1); words: the model's keys/values of random real tokens
+
+
+@dataclass
 class AdapterSection:
     method: str = "lora"
     r: Union[int, None] = None  # None: 16 for the LoRA family, 256 for VeRA
@@ -121,6 +131,7 @@ class AdapterSection:
     sora: SoraConfig = field(default_factory=SoraConfig)
     vera: VeraSection = field(default_factory=VeraSection)
     bottleneck: BottleneckSection = field(default_factory=BottleneckSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
 
 
 @dataclass
@@ -570,6 +581,19 @@ def _check_config(c: Config, where: _Where) -> None:
              f"expected a positive integer, got {getattr(bn, key)}")
     need(bn.reduction_factor is None or bn.bottleneck_size is None, "adapter.bottleneck.bottleneck_size",
          "give adapter.bottleneck.reduction_factor or bottleneck_size, not both")
+    pf = a.prefix
+    need(pf.num_virtual_tokens > 0, "adapter.prefix.num_virtual_tokens",
+         f"expected a positive number of virtual tokens, got {pf.num_virtual_tokens}")
+    need(pf.projection_hidden is None or pf.projection_hidden > 0, "adapter.prefix.projection_hidden",
+         f"expected a positive integer, got {pf.projection_hidden}")
+    need(pf.projection_hidden is None or pf.projection, "adapter.prefix.projection_hidden",
+         "projection_hidden sizes the reparameterisation MLP; set adapter.prefix.projection: true too")
+    from loraforge.adapters.prefix import INITS as PREFIX_INITS
+
+    choice(pf.init, PREFIX_INITS, "adapter.prefix.init", "prefix init")
+    need(pf.init != "words" or not pf.projection, "adapter.prefix.init",
+         "init: words sets the prefix to real tokens' keys and values, which the projection's output cannot be "
+         "set to: use adapter.prefix.projection: false with it")
     if a.init == "loftq" and c.quantization is None:
         raise UserError("init: loftq initialises against a quantized base; set quantization.type "
                         "(e.g. nf4, nf2 or int4)", where=where("adapter.init"))

@@ -40,6 +40,7 @@ FSDP_METHODS = ("lora", "dora")  # AdaLoRA's allocator and SoRA's gate step need
 FSDP_REFUSALS = {
     "full": "full fine-tuning saves its model and checkpoints from the whole, unsharded model",
     "bottleneck": "bottleneck adapters have not been set up for sharding",
+    "prefix": "prefix tuning's prefix has not been set up for sharding",
 }
 TIMEOUT = datetime.timedelta(minutes=10)
 

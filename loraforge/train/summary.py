@@ -41,6 +41,10 @@ def describe_method(a: AdapterSection, config: Config) -> str:
         size = f"size {bn.bottleneck_size}" if bn.bottleneck_size else f"reduction {bn.reduction_factor or 16}"
         text = (f"bottleneck  {bn.placement}, {size}, {bn.non_linearity or 'default non-linearity'}"
                 f"{'' if bn.residual else ', no residual'}")
+    elif a.method == "prefix":
+        pf = a.prefix
+        projection = f", projection (hidden {pf.projection_hidden or 'd_kv'})" if pf.projection else ""
+        text = f"prefix  {pf.num_virtual_tokens} virtual tokens per layer{projection}, init {pf.init}"
     else:
         text = f"{a.method}  r={resolved_rank(a)} alpha={resolved_alpha(a):g}{' rslora' if a.rslora else ''}"
     if a.method == "sora":
@@ -166,12 +170,14 @@ def write_model_card(out: Path, config: Config, result) -> None:
         use = f"Use it: `loraforge generate {config.model} --adapter {out} --prompt \"...\"`"
         use += (" (PEFT has no bottleneck adapters: load it with loraforge.adapters.load_adapter; it cannot be "
                 "merged)." if a.method == "bottleneck" else
-                f", or with PEFT:\n`PeftModel.from_pretrained(base_model, \"{out}\")`.")
+                f", or with PEFT:\n`PeftModel.from_pretrained(base_model, \"{out}\")`"
+                f"{' (a prefix cannot be merged)' if a.method == 'prefix' else ''}.")
     fmt = "PEFT's layout, peft_type BOTTLENECK" if a.method == "bottleneck" else "PEFT format"
+    where = "in every attention layer" if a.method == "prefix" else f"targets: {a.targets}"
     text = f"""# Adapter trained with loraforge
 
 - base model: {base_line}
-- method: {" ".join(describe_method(a, config).split())}, targets: {a.targets}
+- method: {" ".join(describe_method(a, config).split())}, {where}
 - data: `{config.data.train}` ({config.data.format} format, max_length {config.data.max_length})
 - training: {result.steps} steps, batch {t.batch_size} x {t.grad_accum}, lr {t.lr:g} ({t.schedule}), optimizer {t.optimizer}, seed {t.seed}
 - final train loss: {result.losses[-1] if result.losses else float("nan"):.4f}{"" if result.eval_loss is None else f"; eval loss {result.eval_loss:.4f}"}

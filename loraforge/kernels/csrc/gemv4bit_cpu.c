@@ -151,12 +151,32 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The 32 weights of 16 packed bytes times their block's scale, in the order split_chunks gives x:
+ * wv[i] = weights c + 8i + 2t (t = 0..3, low lane) and c + 8i + 2t + 1 (high lane). */
+static inline __attribute__((always_inline)) void decode32(const __m256i plane[4], const uint8_t *bytes, __m256 scale,
+                                                           __m256 wv[4]) {
+    /* both lanes hold the 16 bytes; the low lane takes their high nibbles (even weights) */
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bytes));
+    __m256i q = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), _mm256_set1_epi8(15));
+    __m256i b0 = _mm256_shuffle_epi8(plane[0], q), b1 = _mm256_shuffle_epi8(plane[1], q);
+    __m256i b2 = _mm256_shuffle_epi8(plane[2], q), b3 = _mm256_shuffle_epi8(plane[3], q);
+    __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+    __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+    wv[0] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale);
+    wv[1] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale);
+    wv[2] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale);
+    wv[3] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale);
+}
+
+static inline void load_planes(const weight4 *w, __m256i plane[4]) {
+    for (int p = 0; p < 4; ++p) plane[p] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->planes[p]));
+}
+
 /* MT rows of x (MT <= 4) against one row of W; K % 32 == 0 and blocksize >= 32, so a block
  * scale holds for a whole 32-chunk. NC = 4 (one row) or 2 chains of fused multiply-adds per row. */
 static inline __attribute__((always_inline)) void row_vec(const weight4 *w, const float *xs, int MT, int64_t K, int64_t n, float *out) {
     __m256i plane[4];
-    for (int p = 0; p < 4; ++p) plane[p] = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)w->planes[p]));
-    const __m256i low4 = _mm256_set1_epi8(15);
+    load_planes(w, plane);
     const int NC = MT == 1 ? 4 : 2;
     __m256 acc[4][4];
     for (int m = 0; m < 4; ++m)
@@ -167,19 +187,8 @@ static inline __attribute__((always_inline)) void row_vec(const weight4 *w, cons
     for (int64_t c = 0; c < K; c += 32) {
         int64_t b = (n * K + c) >> w->shift;
         if (b != block) { block = b; scale = _mm256_set1_ps(block_scale(w, b)); }
-        /* both lanes hold the 16 bytes; the low lane takes their high nibbles (even weights) */
-        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(row + (c >> 1))));
-        __m256i q = _mm256_and_si256(_mm256_blend_epi32(_mm256_srli_epi16(v, 4), v, 0xF0), low4);
-        __m256i b0 = _mm256_shuffle_epi8(plane[0], q), b1 = _mm256_shuffle_epi8(plane[1], q);
-        __m256i b2 = _mm256_shuffle_epi8(plane[2], q), b3 = _mm256_shuffle_epi8(plane[3], q);
-        __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
-        __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
-        __m256 wv[4] = {
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale),
-            _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale),
-        };
+        __m256 wv[4];
+        decode32(plane, row + (c >> 1), scale, wv);
         for (int m = 0; m < MT; ++m) {
             const float *xm = xs + m * K + c;
             for (int i = 0; i < 4; ++i)
@@ -240,8 +249,9 @@ void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, cons
                  const float *nested, const float *map8, const float *offset, const float *code, int64_t blocksize,
                  float *out) {
     weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize), {{0}}};
+    set_planes(&w);
     int64_t nblocks = (numel + blocksize - 1) >> w.shift;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t b = 0; b < nblocks; ++b) {
         int64_t start = b * blocksize, end = start + blocksize < numel ? start + blocksize : numel;
         float s = block_scale(&w, b);
@@ -258,6 +268,16 @@ void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, cons
             __m512 wo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, low4), book), sv);
             _mm512_storeu_ps(out + e, _mm512_permutex2var_ps(we, first, wo));
             _mm512_storeu_ps(out + e + 16, _mm512_permutex2var_ps(we, second, wo));
+        }
+#elif defined(__AVX2__)
+        __m256i plane[4];
+        load_planes(&w, plane);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* evens | odds -> in order */
+        const __m256 sv = _mm256_set1_ps(s);
+        for (; e + 32 <= end; e += 32) {
+            __m256 wv[4];
+            decode32(plane, packed + (e >> 1), sv, wv);
+            for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + e + 8 * i, _mm256_permutevar8x32_ps(wv[i], order));
         }
 #endif
         for (; e < end; ++e) {
