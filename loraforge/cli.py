@@ -18,7 +18,7 @@ from loraforge.errors import RunFailed, UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("loraforge.train.command", "fine-tune an adapter from a YAML config (none: the demo)"),
-    "quantize": ("loraforge.models.quantize_command", "write a bitsandbytes-format 4-bit checkpoint (nf4/fp4)"),
+    "quantize": ("loraforge.models.quantize_command", "write a bitsandbytes-format 4-bit (nf4/fp4) or 8-bit (llm_int8) checkpoint"),
     "generate": ("loraforge.infer.generate_command", "generate replies for a prompt or a JSONL file of prompts"),
     "chat": ("loraforge.infer.chat_command", "chat with a model (and adapter) in the terminal"),
     "merge": ("loraforge.infer.merge_command", "merge an adapter into its base; write safetensors, nf4 or GGUF"),

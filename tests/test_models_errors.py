@@ -160,12 +160,16 @@ def test_missing_config_and_tokenizer(tmp_path, tiny_llama):
         load_model(folder)
 
 
-def test_eight_bit_checkpoint_is_refused(tmp_path, tiny_llama):
+def test_eight_bit_config_without_int8_weights_is_refused(tmp_path, tiny_llama):
     folder = save_folder(tiny_llama(), tmp_path / "model")
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="8-bit"):
+    with pytest.raises(UserError, match="declares a bitsandbytes 8-bit model but the weights hold no '\\*.SCB'"):
+        load_model(folder)
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": False, "load_in_4bit": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="neither load_in_4bit nor load_in_8bit"):
         load_model(folder)
 
 

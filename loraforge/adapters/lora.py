@@ -288,6 +288,8 @@ def _requantize(base: nn.Module, weight: torch.Tensor) -> nn.Module:
     dense.weight.data = weight
     if base.bias is not None:
         dense.bias.data = base.bias.detach().float()
+    if hasattr(base, "threshold"):  # an LLM.int8 layer: row scales, no blocks
+        return from_linear(dense, threshold=base.threshold, compute_dtype=base.compute_dtype)
     return from_linear(dense, quant_type=base.quant_type, blocksize=base.blocksize,
                        double_quant=getattr(base, "double_quant", True), compute_dtype=base.compute_dtype)
 

@@ -10,10 +10,11 @@ TEMPLATE_CHOICES = ("tokenizer", "auto", "chatml", "alpaca", "llama3", "plain")
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="base model: HF folder, .gguf file, bitsandbytes 4-bit folder or alias (smollm2-135m-instruct)")
+                        help="base model: HF folder, .gguf file, bitsandbytes 4-bit/8-bit folder or alias (smollm2-135m-instruct)")
     parser.add_argument("--adapter", metavar="DIR", default=None, help="adapter folder to apply (unmerged)")
-    parser.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
-                        help="load a full-precision base in 4 bits (QLoRA-style) before applying the adapter")
+    parser.add_argument("--quantize", choices=("nf4", "fp4", "llm_int8"), default=None,
+                        help="load a full-precision base in 4 bits (QLoRA-style) or 8 bits (LLM.int8) before "
+                             "applying the adapter")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     if template:
         parser.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,

@@ -7,7 +7,11 @@ differ by the base's quantization error, 0.1-0.3 on SmolLM2). The run's ``config
 the adapter says how the base was quantized; the full-precision base is quantized again the same
 way (same code, so the same codes and scales) and merged into. ``into="original"`` merges into
 the full-precision weights as given. A 4-bit source is merged into as it is; with LoftQ the
-trained base is the run's ``base/`` folder, which must be given.
+trained base is the run's ``base/`` folder, which must be given. An 8-bit (``llm_int8``) base
+works the same way: re-quantized row-wise as in training (or read as stored from an 8-bit folder)
+and dequantized (``C * SCB / 127``); the merged dense layer then computes in full precision what
+training computed with LLM.int8's decomposition, so the two agree to the 8-bit rounding of the
+activations (as a PEFT merge on bitsandbytes' 8-bit layers does).
 
 Merging happens in float32 whatever the base: the model is loaded with float32 compute, a 4-bit
 base layer is dequantized (``QuantLinear.dequantize``: code * absmax in float32) and each adapted
@@ -66,17 +70,19 @@ def merge_target(source: str | Path, adapter: str | Path, into: str = "trained")
     from loraforge.models import detect_format, resolve_model_path
 
     check_choice(into, INTO, "merge target", where="--into")
-    quantized_source = detect_format(resolve_model_path(source)) in ("bnb-4bit", "kbit")
+    fmt = detect_format(resolve_model_path(source))
+    quantized_source = fmt in ("bnb-4bit", "bnb-8bit", "kbit")
+    bits = "8-bit" if fmt == "bnb-8bit" else "4-bit"
     run = training_config(adapter)
     quant = trained_quantization(run, Path(adapter) / "config.yaml") if run else None
     if into == "original":
         if quantized_source:
-            raise UserError("is a 4-bit checkpoint, it holds no full-precision weights to merge into: give the "
+            raise UserError(f"is a {bits} checkpoint, it holds no full-precision weights to merge into: give the "
                             "full-precision model, or drop --into original", where=str(source))
         trained_on = f" (not the {quant['type']} model the adapter was trained on)" if quant else ""
         return MergeTarget(None, f"the full-precision weights of {source}{trained_on}")
     if quantized_source:
-        return MergeTarget(None, f"the 4-bit weights of {source} (dequantized)")
+        return MergeTarget(None, f"the {bits} weights of {source} (dequantized)")
     if run is None:
         return MergeTarget(None, f"{source} as loaded (no config.yaml beside the adapter says how its base "
                                  "was quantized in training)")
@@ -86,8 +92,11 @@ def merge_target(source: str | Path, adapter: str | Path, into: str = "trained")
         raise UserError(f"the adapter was trained with LoftQ on the quantized base saved in {Path(adapter) / 'base'}: "
                         f"merge into that folder (loraforge merge {Path(adapter) / 'base'} --adapter {adapter}), "
                         "or pass --into original for the full-precision weights", where=str(source))
-    return MergeTarget(quant, f"{source} quantized to {quant['type']} (block {quant['blocksize']}"
-                              f"{', double quant' if quant['double_quant'] else ''}) and dequantized, as in training "
+    if quant["type"] == "llm_int8":
+        how = "row-wise int8"
+    else:
+        how = f"block {quant['blocksize']}{', double quant' if quant['double_quant'] else ''}"
+    return MergeTarget(quant, f"{source} quantized to {quant['type']} ({how}) and dequantized, as in training "
                               "(--into original: the full-precision weights instead)")
 
 
@@ -100,7 +109,7 @@ def trained_quantization(run: dict, where: Path) -> dict | None:
     if not isinstance(quant, dict) or any(not isinstance(quant.get(k), t) for k, t in expected.items()):
         raise UserError("expected quantization: {type: <name>, blocksize: <int>, double_quant: <bool>} or null",
                         where=f"{where}: quantization")
-    return {k: quant[k] for k in expected}
+    return {k: quant[k] for k in expected} | {"llm_int8_threshold": quant.get("llm_int8_threshold")}
 
 
 def merge_adapter(source: str | Path, adapter: str | Path | None, *, into: str = "trained"):
@@ -117,7 +126,8 @@ def merge_adapter(source: str | Path, adapter: str | Path | None, *, into: str =
     quant = merge_target(source, adapter, into).quantization or {}
     contents = read_adapter(adapter)  # a broken adapter file fails before the slow load
     model, tokenizer = load_model(source, quantize=quant.get("type"), blocksize=quant.get("blocksize", 64),
-                                  double_quant=quant.get("double_quant", True), compute_dtype=torch.float32)
+                                  double_quant=quant.get("double_quant", True), compute_dtype=torch.float32,
+                                  llm_int8_threshold=quant.get("llm_int8_threshold"))
     adapter_model = attach_adapter(model, contents, adapter, str(source))
     merged = adapter_model.merge_and_unload()
     mark_untied(merged)
@@ -224,6 +234,9 @@ def save_nf4(model: nn.Module, tokenizer, out: str | Path, dtype: torch.dtype, *
     probe = torch.tensor([tokenizer.encode(PROBE_TEXT, add_special_tokens=True)], dtype=torch.long)
     reference = probe_logits(model, probe)
     kept = [m for m in model.modules() if is_quantized_linear(m)]
+    if any(not hasattr(m, "blocksize") for m in kept):
+        raise UserError("the base is 8-bit (llm_int8): --format nf4 would quantize its untouched layers a second "
+                        "time; write --format safetensors (or quantize that with loraforge quantize)", where="--format")
     blocksize = kept[0].blocksize if kept else 64
     double_quant = getattr(kept[0], "double_quant", True) if kept else True
     quantize_model(model, quant_type="nf4", blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)

@@ -77,9 +77,15 @@ def _frozen_bias(base: nn.Module) -> tuple[torch.Tensor | None, str]:
     return bias, ""
 
 
+# a base whose own product is not ``x @ dequantize(W)`` (LLM.int8's mixed-precision decomposition)
+_UNFUSABLE = "base layer {} computes its own product (the fused path multiplies by the dequantized weight)"
+
+
 def lora_spec(module: nn.Module) -> tuple[LoraSpec | None, str]:
     """``(spec, "")`` when ``module`` can run fused, else ``(None, reason)``."""
     if _is_base(module):
+        if not getattr(module, "fusable", True):
+            return None, _UNFUSABLE.format(type(module).__name__)
         if getattr(getattr(module, "weight", None), "requires_grad", False):
             return None, "a projection's weight is trained (the fused path computes no gradient for it)"
         bias, why = _frozen_bias(module)
@@ -100,6 +106,8 @@ def lora_spec(module: nn.Module) -> tuple[LoraSpec | None, str]:
     base = module.base_layer
     if not _is_base(base):
         return None, f"base layer {type(base).__name__} is not linear"
+    if not getattr(base, "fusable", True):
+        return None, _UNFUSABLE.format(type(base).__name__)
     bias, why = _frozen_bias(base)
     if why:
         return None, why

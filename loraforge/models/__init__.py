@@ -1,5 +1,5 @@
-"""Loading models (HF folder, GGUF via a safetensors cache, bitsandbytes 4-bit folder, aliases)
-and writing bitsandbytes-format 4-bit checkpoints. See load.py for the overview.
+"""Loading models (HF folder, GGUF via a safetensors cache, bitsandbytes 4-bit / 8-bit folder, aliases)
+and writing bitsandbytes-format 4-bit and 8-bit checkpoints. See load.py for the overview.
 
 Names are imported on first use, so that ``loraforge --help`` does not pay for torch.
 """
@@ -16,6 +16,8 @@ _EXPORTS = {
     "save_quantized": "loraforge.models.bnb_checkpoint",
     "describe_memory": "loraforge.models.memory",
     "memory_stats": "loraforge.models.memory",
+    "estimated_memory_stats": "loraforge.models.memory",
+    "estimate_base_memory": "loraforge.models.memory",
     "resolve_model_path": "loraforge.models.resolve",
     "detect_format": "loraforge.models.resolve",
     "ALIASES": "loraforge.models.resolve",

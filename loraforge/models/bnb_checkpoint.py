@@ -1,4 +1,4 @@
-"""bitsandbytes-format 4-bit checkpoints, read and written without bitsandbytes.
+"""bitsandbytes-format 4-bit and 8-bit checkpoints, read and written without bitsandbytes.
 
 This is the layout transformers + bitsandbytes save for a model loaded with
 ``BitsAndBytesConfig(load_in_4bit=True, ...)`` (the "*-bnb-4bit" checkpoints on the Hub):
@@ -13,6 +13,11 @@ This is the layout transformers + bitsandbytes save for a model loaded with
   bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, ...), where
   ``llm_int8_skip_modules`` stays null when only the output layer is unquantized (transformers'
   default) and otherwise lists every full-precision linear layer.
+
+The 8-bit layout (``BitsAndBytesConfig(load_in_8bit=True)``, LLM.int8) is the same folder with, for
+each quantized linear ``L``, ``L.weight`` (int8 ``[out, in]``), ``L.SCB`` (float32 row absmax) and
+``L.weight_format`` (uint8 0), and ``load_in_8bit`` / ``llm_int8_threshold`` in
+``quantization_config``; its layers load as :class:`~loraforge.quant.int8_rowwise.Int8Linear`.
 
 Loading builds the transformers model skeleton on the meta device (no weight memory), swaps each
 quantized linear for a :class:`~loraforge.quant.linear.QuantLinear` built from its stored state,
@@ -38,22 +43,23 @@ _QUANT_STATE = re.compile(r"^(?P<module>.+)\.weight\.quant_state\.bitsandbytes__
 
 
 def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
-    """(model, tokenizer) from a bitsandbytes 4-bit folder, its linears as QuantLinear layers.
+    """(model, tokenizer) from a bitsandbytes 4-bit or 8-bit folder, its linears as QuantLinear
+    (4-bit) or Int8Linear (8-bit) layers.
 
-    ``compute_dtype`` (default: the checkpoint's ``bnb_4bit_compute_dtype``) is the 4-bit matmul
-    dtype; the unquantized tensors keep their stored dtype unless ``compute_dtype`` is given.
+    ``compute_dtype`` (default: the checkpoint's ``bnb_4bit_compute_dtype``; 8-bit: the stored
+    dtype) is the 4-bit matmul dtype; the unquantized tensors keep their stored dtype unless
+    ``compute_dtype`` is given.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from loraforge.models.load import load_tokenizer, weight_files
     from loraforge.models.quiet import quiet_transformers
-    from loraforge.quant.bnb_format import from_bnb_state_dict
 
     config_file = folder / "config.json"
     raw = read_config_json(folder)
     check_architecture(raw["model_type"], where=str(config_file))
     qconfig = raw["quantization_config"]
-    matmul_dtype = compute_dtype or getattr(torch, qconfig.get("bnb_4bit_compute_dtype") or "float32")
+    eight_bit = bool(qconfig.get("load_in_8bit") or qconfig.get("_load_in_8bit"))
     tensors = _read_tensors(weight_files(folder), check_safetensors)
     tokenizer = load_tokenizer(folder)
 
@@ -63,26 +69,31 @@ def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
 
-    quantized = [m.group("module") for m in map(_QUANT_STATE.match, tensors) if m]
+    if eight_bit:
+        stored = next((v.dtype for k, v in tensors.items() if v.is_floating_point() and not k.endswith(".SCB")),
+                      torch.float32)
+        threshold = qconfig.get("llm_int8_threshold", 6.0)
+        build = _int8_builder(threshold, compute_dtype or stored, where=str(config_file))
+        quantized = [k.removesuffix(".SCB") for k in tensors if k.endswith(".SCB")]
+        expected = "'*.SCB' entries (int8 weights and their row scales)"
+    else:
+        build = _4bit_builder(compute_dtype or getattr(torch, qconfig.get("bnb_4bit_compute_dtype") or "float32"))
+        quantized = [m.group("module") for m in map(_QUANT_STATE.match, tensors) if m]
+        expected = "'*.weight.quant_state.bitsandbytes__nf4/__fp4' entries"
+    bits = 8 if eight_bit else 4
     if not quantized:
-        raise UserError(
-            "config.json declares a bitsandbytes 4-bit model but the weights hold no "
-            "'*.weight.quant_state.bitsandbytes__nf4/__fp4' entries",
-            where=str(folder),
-        )
+        raise UserError(f"config.json declares a bitsandbytes {bits}-bit model but the weights hold no {expected}",
+                        where=str(folder))
     for name in quantized:
-        linear = _submodule(model, name)
+        linear = _submodule(model, name, bits)
         if not isinstance(linear, nn.Linear):
             raise UserError(
-                f"{name!r} is stored 4-bit but is not a linear layer of {type(model).__name__}", where=str(folder)
+                f"{name!r} is stored {bits}-bit but is not a linear layer of {type(model).__name__}", where=str(folder)
             )
         prefix = f"{name}."
         state = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         bias = state.pop(f"{prefix}bias", None)
-        layer = from_bnb_state_dict(
-            state, prefix, linear.in_features, linear.out_features, bias=bias, compute_dtype=matmul_dtype
-        )
-        _set_submodule(model, name, layer)
+        _set_submodule(model, name, build(state, prefix, linear, bias))
 
     if compute_dtype is not None:
         tensors = {k: v.to(compute_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -96,29 +107,57 @@ def load_bnb_checkpoint(folder: Path, compute_dtype: torch.dtype | None = None):
     return model.eval(), tokenizer
 
 
+def _4bit_builder(matmul_dtype: torch.dtype):
+    from loraforge.quant.bnb_format import from_bnb_state_dict
+
+    def build(state, prefix, linear, bias):
+        return from_bnb_state_dict(state, prefix, linear.in_features, linear.out_features, bias=bias,
+                                   compute_dtype=matmul_dtype)
+    return build
+
+
+def _int8_builder(threshold, dtype: torch.dtype, where: str):
+    from loraforge.quant.bnb_format import from_bnb8_state_dict
+    from loraforge.quant.int8_rowwise import check_threshold
+
+    threshold = check_threshold(threshold, where=f"{where}: quantization_config.llm_int8_threshold")
+
+    def build(state, prefix, linear, bias):
+        return from_bnb8_state_dict(state, prefix, linear.in_features, linear.out_features, threshold=threshold,
+                                    compute_dtype=dtype, bias=bias)
+    return build
+
+
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model`` (its linears QuantLinear nf4/fp4) as a bitsandbytes 4-bit folder, atomically."""
+    """Write ``model`` (its linears QuantLinear nf4/fp4, or Int8Linear) as a bitsandbytes 4-bit
+    (8-bit) folder, atomically."""
     from safetensors.torch import save_file
     from transformers import BitsAndBytesConfig
 
-    from loraforge.quant.bnb_format import to_bnb_state_dict
+    from loraforge.quant.bnb_format import to_bnb8_state_dict, to_bnb_state_dict
+    from loraforge.quant.int8_rowwise import Int8Linear
     from loraforge.quant.linear import QuantLinear
 
     out = Path(out_dir)
     check_output_dir(out, overwrite)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, Int8Linear))}
     if not layers:
-        raise UserError("the model has no 4-bit layers; quantize it first (load_model(..., quantize='nf4'))")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update(to_bnb_state_dict(layer, f"{name}."))  # UserError unless nf4 / fp4
-    kinds = {(layer.quant_type, layer.double_quant) for layer in layers.values()}
+        raise UserError("the model has no 4-bit or 8-bit layers; quantize it first "
+                        "(load_model(..., quantize='nf4' or 'llm_int8'))")
+    kinds = {(layer.quant_type, getattr(layer, "double_quant", None), getattr(layer, "threshold", None))
+             for layer in layers.values()}
     if len(kinds) > 1:
         raise UserError(
-            f"the 4-bit layers mix quantization settings {sorted(kinds)}; a bitsandbytes checkpoint has one "
-            "(quant type, double quant) for the whole model"
+            f"the quantized layers mix settings {sorted(kinds, key=str)} (type, double quant, int8 threshold); a "
+            "bitsandbytes checkpoint has one for the whole model"
         )
-    quant_type, use_double_quant = kinds.pop()
+    quant_type, use_double_quant, threshold = kinds.pop()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if isinstance(layer, Int8Linear):
+            tensors.update(to_bnb8_state_dict(layer, f"{name}."))
+        else:
+            tensors.update(to_bnb_state_dict(layer, f"{name}."))  # UserError unless nf4 / fp4
 
     seen: set[tuple[int, int]] = set()
     plain_dtype = None
@@ -137,13 +176,13 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrit
     compute_dtype = compute.pop() if len(compute) == 1 else plain_dtype
 
     config = copy.deepcopy(model.config)
+    if quant_type == Int8Linear.quant_type:
+        settings = dict(load_in_8bit=True, llm_int8_threshold=threshold)
+    else:
+        settings = dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=use_double_quant,
+                        bnb_4bit_compute_dtype=compute_dtype)
     config.quantization_config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=use_double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=_skip_modules(model, layers),
-    ).to_dict()
+        **settings, llm_int8_skip_modules=_skip_modules(model, layers)).to_dict()
     config.architectures = [type(model).__name__]
     config.dtype = plain_dtype
 
@@ -182,12 +221,12 @@ def _read_tensors(files: list[Path], check) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
+def _submodule(model: nn.Module, name: str, bits: int = 4) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
         raise UserError(
-            f"the checkpoint has 4-bit weights for {name!r}, which {type(model).__name__} does not have"
+            f"the checkpoint has {bits}-bit weights for {name!r}, which {type(model).__name__} does not have"
         ) from None
 
 

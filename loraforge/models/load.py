@@ -6,13 +6,18 @@ HF folder       ``AutoModelForCausalLM.from_pretrained`` after checking config +
                 (GPT-2's Conv1D projections become linear layers, see conv1d.py)
 .gguf file      transformers' GGUF loader once, then the cached safetensors folder (see gguf.py)
 bnb-4bit folder loraforge's own QuantLinear layers, no bitsandbytes (see bnb_checkpoint.py)
+bnb-8bit folder loraforge's own Int8Linear (LLM.int8) layers, no bitsandbytes (same module)
 alias           the file an installed package ships (see resolve.py)
 
 With ``quantize="nf4"`` or ``"fp4"`` every ``nn.Linear`` but ``lm_head`` becomes a frozen
 blockwise 4-bit :class:`~loraforge.quant.linear.QuantLinear` as in QLoRA (Dettmers et al., 2023):
 W ~ code[q] * absmax per block of ``blocksize`` weights, the absmax themselves 8-bit quantized
 with ``double_quant``. The k-bit types QuantLinear also knows (nf2, nf3, int4, ..., for LoftQ's
-low-bit bases) work the same way but have no bitsandbytes on-disk format. With a ``device`` the
+low-bit bases) work the same way but have no bitsandbytes on-disk format. With
+``quantize="llm_int8"`` they become :class:`~loraforge.quant.int8_rowwise.Int8Linear` layers
+(LLM.int8, Dettmers et al., 2022: int8 rows and one absmax each, the activation's outlier columns
+above ``llm_int8_threshold`` multiplied in full precision); ``blocksize`` and ``double_quant``
+do not apply to it. With a ``device`` the
 model moves there before it is quantized, so a GPU does the quantization (bitsandbytes' CUDA
 rounding, the one most published checkpoints were made with).
 """
@@ -29,6 +34,7 @@ from loraforge.models.conv1d import linearize_conv1d
 from loraforge.models.resolve import detect_format, read_config_json, resolve_model_path
 from loraforge.models.validate import check_architecture, check_quantizable, check_safetensors
 from loraforge.quant.codebooks import QUANT_TYPES  # nf4, fp4 (bitsandbytes' formats), nf2, nf3, int4, ...
+from loraforge.quant.int8_rowwise import DEFAULT_THRESHOLD, INT8_TYPE
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -46,19 +52,23 @@ def load_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    llm_int8_threshold: float | None = None,
 ):
-    """(model, tokenizer) for a model folder, GGUF file, bnb-4bit folder or alias, in eval mode.
+    """(model, tokenizer) for a model folder, GGUF file, bnb-4bit/8-bit folder or alias, in eval mode.
 
     ``compute_dtype`` sets the dtype of the unquantized weights and of the 4-bit matmuls; None
     keeps the checkpoint's (float32 for GGUF; a bnb-4bit folder's ``bnb_4bit_compute_dtype``).
+    ``llm_int8_threshold`` is the outlier threshold of ``llm_int8`` layers; None: 6.0 when
+    quantizing, the recorded one for an 8-bit checkpoint (a number replaces it there: it is a
+    setting of the matmul, not of the stored weights).
     """
     if quantize is not None:
-        check_choice(quantize, QUANT_TYPES, "quantization type")
+        check_choice(quantize, (*QUANT_TYPES, INT8_TYPE), "quantization type")
     dtype = as_dtype(compute_dtype)
     path = resolve_model_path(source)
     fmt = detect_format(path)
-    if fmt in ("bnb-4bit", "kbit"):
-        if fmt == "bnb-4bit":
+    if fmt in ("bnb-4bit", "bnb-8bit", "kbit"):
+        if fmt in ("bnb-4bit", "bnb-8bit"):
             from loraforge.models.bnb_checkpoint import load_bnb_checkpoint
 
             model, tokenizer = load_bnb_checkpoint(path, compute_dtype=dtype)
@@ -68,6 +78,8 @@ def load_model(
             model, tokenizer = load_kbit_checkpoint(path)
         if quantize is not None:
             _check_same_quantization(model, quantize, path)
+        if llm_int8_threshold is not None:
+            _set_threshold(model, llm_int8_threshold, path)
         if device is not None:
             model.to(device)
         set_provenance(model, source, path)
@@ -85,7 +97,8 @@ def load_model(
     if quantize is not None:
         from loraforge.quant.replace import quantize_model
 
-        quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+        quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
+                       threshold=DEFAULT_THRESHOLD if llm_int8_threshold is None else llm_int8_threshold)
     set_provenance(model, source, path)
     return model.eval(), tokenizer
 
@@ -204,12 +217,24 @@ def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _check_same_quantization(model, quantize: str, path: Path) -> None:
+    from loraforge.quant.int8_rowwise import Int8Linear
     from loraforge.quant.linear import QuantLinear
 
-    stored = {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)}
+    stored = {m.quant_type for m in model.modules() if isinstance(m, (QuantLinear, Int8Linear))}
     if stored != {quantize}:
         raise UserError(
             f"this checkpoint is already quantized ({', '.join(sorted(stored))}); re-quantizing it as "
             f"{quantize} would stack two rounding errors: load it without a quantization type",
             where=str(path),
         )
+
+
+def _set_threshold(model, threshold: float, path: Path) -> None:
+    from loraforge.quant.int8_rowwise import Int8Linear, check_threshold
+
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        raise UserError("an outlier threshold (llm_int8_threshold) was given, but this checkpoint holds no "
+                        "llm_int8 layers", where=str(path))
+    for layer in layers:
+        layer.threshold = check_threshold(threshold)

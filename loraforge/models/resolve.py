@@ -4,6 +4,7 @@
 - ``bnb-4bit``: the same layout written by transformers + bitsandbytes for a 4-bit model
   (``config.json`` holds ``quantization_config`` with ``quant_method: bitsandbytes`` and
   ``load_in_4bit``; linear weights are packed codes plus their quantization state),
+- ``bnb-8bit``: the same for an 8-bit LLM.int8 model (``load_in_8bit``; int8 ``weight`` + ``SCB``),
 - ``kbit``: loraforge's k-bit folder (NF2, NF3, INT-k; see kbit_checkpoint.py),
 - ``gguf``: a single llama.cpp ``.gguf`` file.
 
@@ -26,9 +27,9 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-FORMATS = ("hf", "bnb-4bit", "kbit", "gguf")
+FORMATS = ("hf", "bnb-4bit", "bnb-8bit", "kbit", "gguf")
 _EXPECTED = (
-    "expected a Hugging Face model folder, a .gguf file, a bitsandbytes 4-bit folder, "
+    "expected a Hugging Face model folder, a .gguf file, a bitsandbytes 4-bit or 8-bit folder, "
     f"or an alias ({', '.join(ALIASES)})"
 )
 
@@ -82,15 +83,17 @@ def detect_format(path: Path) -> str:
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method == "bitsandbytes" and (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
         return "bnb-4bit"
+    if method == "bitsandbytes" and (quant.get("load_in_8bit") or quant.get("_load_in_8bit")):
+        return "bnb-8bit"
     if method == "loraforge-kbit":  # models.kbit_checkpoint.KBIT_METHOD
         return "kbit"
     if method == "bitsandbytes":
-        what = "an 8-bit (LLM.int8) bitsandbytes checkpoint"
+        what = "a bitsandbytes checkpoint with neither load_in_4bit nor load_in_8bit set"
     else:
         what = f"a {method!r}-quantized checkpoint"
     raise UserError(
-        f"{what} is not supported; expected full-precision weights or a bitsandbytes 4-bit "
-        "checkpoint (quantization_config.quant_method = 'bitsandbytes', load_in_4bit = true)",
+        f"{what} is not supported; expected full-precision weights or a bitsandbytes 4-bit or 8-bit "
+        "checkpoint (quantization_config.quant_method = 'bitsandbytes', load_in_4bit or load_in_8bit = true)",
         where=str(path / "config.json"),
     )
 

@@ -1,4 +1,4 @@
-"""bitsandbytes' state-dict layout for a 4-bit linear layer, both ways (no bitsandbytes needed).
+"""bitsandbytes' state-dict layouts for a 4-bit and an 8-bit linear layer, both ways (no bitsandbytes needed).
 
 For a layer at ``prefix`` (bitsandbytes ``Linear4bit`` / transformers ``*-bnb-4bit`` checkpoints):
 
@@ -11,7 +11,8 @@ For a layer at ``prefix`` (bitsandbytes ``Linear4bit`` / transformers ``*-bnb-4b
     weight.quant_state.bitsandbytes__nf4     uint8 bytes of the UTF-8 JSON
         {"quant_type", "blocksize", "dtype", "shape"[, "nested_blocksize", "nested_dtype", "nested_offset"]}
 
-(``__fp4`` for FP4.) Only the bitsandbytes types nf4 and fp4 have this format.
+(``__fp4`` for FP4.) Only the bitsandbytes types nf4 and fp4 have this format. The 8-bit layout
+(``Linear8bitLt``, LLM.int8) is described above :func:`to_bnb8_state_dict`.
 """
 
 from __future__ import annotations
@@ -138,3 +139,51 @@ def from_bnb_state_dict(
         compute_dtype=compute_dtype or weight_dtype,
         weight_dtype=weight_dtype,
     )
+
+
+# ----- 8-bit (LLM.int8, bitsandbytes ``Linear8bitLt``) -------------------------------------------
+#
+#     weight         int8 [out, in]: row-wise codes
+#     SCB            float32 [out]: the row absmax
+#     weight_format  uint8 scalar 0 ("row", the only layout bitsandbytes >= 0.45 reads)
+#     bias           (if any), in the model's dtype
+
+
+def to_bnb8_state_dict(layer, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes' ``Linear8bitLt.state_dict()`` holds for an Int8Linear, under ``prefix``."""
+    out = {prefix + "weight": layer.qweight}
+    if layer.bias is not None:
+        out[prefix + "bias"] = layer.bias.detach()
+    out[prefix + "SCB"] = layer.scb
+    out[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    return out
+
+
+def from_bnb8_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    prefix: str,
+    in_features: int,
+    out_features: int,
+    *,
+    threshold: float,
+    compute_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+):
+    """An :class:`~loraforge.quant.int8_rowwise.Int8Linear` from bitsandbytes' 8-bit tensors under ``prefix``."""
+    from loraforge.quant.int8_rowwise import Int8Linear
+
+    if prefix and not prefix.endswith("."):
+        prefix += "."
+    weight = _tensor(state_dict, prefix + "weight")
+    scb = _tensor(state_dict, prefix + "SCB")
+    fmt = state_dict.get(prefix + "weight_format")
+    if fmt is not None and int(fmt.reshape(-1)[0]) != 0:
+        raise UserError(f"weight format {int(fmt.reshape(-1)[0])} is not 0 ('row'), the only layout bitsandbytes "
+                        "still reads; re-save the model with a current bitsandbytes", where=prefix + "weight_format")
+    if tuple(weight.shape) != (out_features, in_features):
+        raise UserError(f"int8 weight has shape {list(weight.shape)}, expected [{out_features}, {in_features}]",
+                        where=prefix + "weight")
+    if bias is None:
+        bias = state_dict.get(prefix + "bias")
+    return Int8Linear.from_quantized(weight, scb, bias=bias, threshold=threshold, compute_dtype=compute_dtype,
+                                     where=prefix + "weight")

@@ -1,4 +1,6 @@
-"""Swap a model's ``nn.Linear`` layers for frozen :class:`QuantLinear` ones (QLoRA's 4-bit base).
+"""Swap a model's ``nn.Linear`` layers for frozen :class:`QuantLinear` ones (QLoRA's 4-bit base),
+or, with ``quant_type="llm_int8"``, for :class:`~loraforge.quant.int8_rowwise.Int8Linear` ones
+(LLM.int8's 8-bit base; ``blocksize`` and ``double_quant`` do not apply to it).
 
 Layers are replaced one at a time, in place: each full-precision weight is quantized and released
 before the next, so peak memory stays at the model plus one layer's temporaries.
@@ -13,6 +15,7 @@ from torch import nn
 
 from loraforge.quant.blockwise import check_blocksize
 from loraforge.quant.codebooks import quant_type as parse_quant_type
+from loraforge.quant.int8_rowwise import DEFAULT_THRESHOLD, INT8_TYPE, Int8Linear, check_threshold
 from loraforge.quant.linear import QuantLinear
 
 
@@ -29,10 +32,21 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     skip: Iterable[str] = ("lm_head",),
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` in ``model`` (except those named in ``skip``) by a QuantLinear."""
-    parse_quant_type(quant_type)
-    check_blocksize(blocksize)
+    """Replace every ``nn.Linear`` in ``model`` (except those named in ``skip``) by a QuantLinear
+    (an Int8Linear with outlier ``threshold`` for ``llm_int8``)."""
+    if quant_type == INT8_TYPE:
+        check_threshold(threshold)
+
+        def quantize(linear: nn.Linear) -> nn.Module:
+            return Int8Linear.from_linear(linear, threshold)
+    else:
+        parse_quant_type(quant_type)
+        check_blocksize(blocksize)
+
+        def quantize(linear: nn.Linear) -> nn.Module:
+            return QuantLinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
     skip = tuple(skip)
     targets = [
         name for name, module in model.named_modules()
@@ -42,6 +56,6 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        setattr(parent, child, QuantLinear.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype))
+        setattr(parent, child, quantize(linear))
         linear.weight = None  # drop the full-precision copy now, not at the end
     return model

@@ -195,7 +195,7 @@ def load_base(config: Config, device: str | None):
         return models.load_model(config.model, device=device)
     return models.load_model(
         config.model, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant,
-        compute_dtype=None, device=device,
+        compute_dtype=None, device=device, llm_int8_threshold=q.llm_int8_threshold,
     )
 
 

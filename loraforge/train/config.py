@@ -4,7 +4,7 @@ dataclasses before anything is loaded or written.
 Schema (public names, see ``shared/design/interface.md``)::
 
     model: smollm2-135m-instruct        # HF folder | .gguf file | bnb-4bit folder | alias
-    quantization: {type: nf4, double_quant: true, blocksize: 64}   # or null
+    quantization: {type: nf4, double_quant: true, blocksize: 64}   # or null; or {type: llm_int8, llm_int8_threshold: 6.0}
     adapter: {method: lora, r: 16, alpha: 16, dropout: 0.0, targets: all-linear, ...
               loftq: {...}, adalora: {...}, sora: {...}, vera: {...}, bottleneck: {...}, prefix: {...}}
     # method: adalora | sora is one line (the loop drives their rank allocation / gate step);
@@ -51,9 +51,15 @@ SCHEDULES = ("constant", "linear", "cosine")
 # --------------------------------------------------------------------------- schema
 @dataclass
 class QuantizationConfig:
-    type: str = "nf4"
-    double_quant: bool = True
-    blocksize: int = 64
+    type: str = "nf4"  # nf4 | fp4 | nf2 | ... (blockwise code books) | llm_int8 (LLM.int8 rows)
+    double_quant: bool = True  # blockwise types only
+    blocksize: int = 64  # blockwise types only
+    # llm_int8 only: the outlier threshold (transformers' name; 0: no decomposition); None: 6.0, or
+    # the one an 8-bit checkpoint records
+    llm_int8_threshold: Union[float, None] = None
+
+
+BLOCKWISE_ONLY = ("double_quant", "blocksize")
 
 
 @dataclass
@@ -522,6 +528,17 @@ def _check_config(c: Config, where: _Where) -> None:
         need(bool(q.type), "quantization.type", "expected a quantization type such as nf4")
         need(q.blocksize >= 32 and q.blocksize & (q.blocksize - 1) == 0 and q.blocksize <= 4096,
              "quantization.blocksize", f"expected a power of two in 32..4096, got {q.blocksize}")
+        # Settings of the other kind are refused unless they hold the default (a dumped config has them all).
+        int8 = q.type == "llm_int8"
+        for key in BLOCKWISE_ONLY:
+            need(not int8 or getattr(q, key) == getattr(QuantizationConfig, key), f"quantization.{key}",
+                 f"{key} does not apply to llm_int8 (int8 rows with one absmax each, no blocks, no nested "
+                 "scales): remove it")
+        need(int8 or q.llm_int8_threshold is None, "quantization.llm_int8_threshold",
+             f"llm_int8_threshold applies to type llm_int8, not {q.type}: remove it or set quantization.type: llm_int8")
+        need(q.llm_int8_threshold is None or (math.isfinite(q.llm_int8_threshold) and q.llm_int8_threshold >= 0),
+             "quantization.llm_int8_threshold",
+             f"expected a finite number >= 0 (0: no outlier decomposition), got {q.llm_int8_threshold}")
 
     a = c.adapter
     if a.method == "full" and c.quantization is not None:
@@ -625,6 +642,8 @@ def _check_config(c: Config, where: _Where) -> None:
              "use train.distributed: ddp")
         need(t.distributed != "fsdp" or a.init != "loftq", "train.distributed",
              "init: loftq saves the quantized base it made, which fsdp holds in shards: use train.distributed: ddp")
+        need(t.distributed != "fsdp" or c.quantization is None or c.quantization.type != "llm_int8",
+             "train.distributed", "fsdp shards 4-bit bases; an llm_int8 base trains with train.distributed: ddp")
     if a.method == "adalora" and t.steps is not None:  # with epochs, checked once the data is read
         need(ad.tinit + ad.tfinal < t.steps, "adapter.adalora.tinit",
              f"tinit ({ad.tinit}) + tfinal ({ad.tfinal}) leave none of the {t.steps} steps for AdaLoRA's "

@@ -4,12 +4,16 @@ would train on, without loading model weights.
 It validates the config (already done by loading it), checks that ``output_dir`` can be written,
 reads and tokenizes the data with the model's tokenizer alone (a GGUF file's from its metadata),
 and prints the resolved config, the data statistics (rows kept and dropped and why, tokens,
-trained tokens), the optimizer steps it would run and the first ``show`` examples with their
+trained tokens), the optimizer steps it would run, the base's weight memory once loaded and
+quantized (:func:`loraforge.models.memory.estimate_base_memory`, from the model config on a
+meta-device skeleton) and the first ``show`` examples with their
 trained spans marked: reverse video on a terminal, ``[[...]]`` around them otherwise. This is where
 a user sees their masking before a long run.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from rich.console import Console
 from rich.text import Text
@@ -56,6 +60,9 @@ def dry_run(config: Config, *, show: int = 3, console: Console | None = None) ->
                       markup=False)
     console.print(f"steps: {steps} optimizer steps of {t.batch_size} x {t.grad_accum} "
                   f"{'rows' if config.data.packing else 'examples'}", markup=False)
+    quantization = None if config.quantization is None else dataclasses.asdict(config.quantization)
+    weights = models.estimate_base_memory(config.model, quantization)
+    console.print(f"base weights (estimated from the model config, none loaded): {weights}", markup=False)
     n = min(show, len(train_set))
     mark = "reverse video" if console.is_terminal else f"{OPEN}...{CLOSE}"
     console.rule(f"first {n} example{'s' if n != 1 else ''} (trained tokens in {mark})")
@@ -64,7 +71,7 @@ def dry_run(config: Config, *, show: int = 3, console: Console | None = None) ->
                       f"{sum(y != IGNORE for y in example['labels'])} trained", style="bold", markup=False)
         console.print(marked_text(example, tokenizer, terminal=console.is_terminal))
     console.rule("dry run: nothing was trained or written")
-    return {"steps": steps, "examples": len(train_set), "stats": stats, "shown": train_set[:n]}
+    return {"steps": steps, "examples": len(train_set), "stats": stats, "shown": train_set[:n], "weights": weights}
 
 
 def trained_spans(example: dict) -> list[tuple[list[int], bool]]:

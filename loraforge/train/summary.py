@@ -64,7 +64,12 @@ def banner_rows(config, adapter_model, device, dtype: str, train_set, eval_set, 
     t, a = config.train, config.adapter
     trainable, total = count_parameters(adapter_model)
     q = config.quantization
-    quant = f"{q.type} (block {q.blocksize}{', double quant' if q.double_quant else ''})" if q else "none"
+    if q is None:
+        quant = "none"
+    elif q.type == "llm_int8":
+        quant = f"llm_int8 (row-wise int8, outlier threshold {6.0 if q.llm_int8_threshold is None else q.llm_int8_threshold:g})"
+    else:
+        quant = f"{q.type} (block {q.blocksize}{', double quant' if q.double_quant else ''})"
     if q and a.init == "loftq":
         quant += ", by LoftQ"
     method = describe_method(a, config)
