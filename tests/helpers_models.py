@@ -92,3 +92,23 @@ def smollm2_loads() -> dict:
 
 def _must_not_convert(*args, **kwargs):
     raise AssertionError("the warm load converted the GGUF file again instead of using the cache")
+
+
+def smollm2_first_layers(layers: int = 2):
+    """The real SmolLM2 (weights of the warm load of :func:`smollm2_loads`) cut to its first
+    ``layers`` decoder layers, tied head kept, in eval mode: the real model's numbers at a cost
+    a test can pay (quantizing and running all 30 layers on 2 shared cores takes minutes)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    warm = smollm2_loads()["warm"]
+    config = copy.deepcopy(warm.config)
+    config.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(warm.state_dict(), strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb = warm.model.rotary_emb
+    return model.eval()
+

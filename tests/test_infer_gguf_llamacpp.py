@@ -45,21 +45,31 @@ def _reference(model, prompt: list[int], new: int = NEW):
     return model(input_ids=torch.tensor([ids[:-1]])).logits[0].numpy(), ids[len(prompt):]
 
 
-@pytest.fixture(scope="module")
-def quantized_dot_ok(tmp_path_factory):
-    """llama.cpp builds made on another CPU can die on Q8_0 dot products (illegal instruction)."""
+def _skip_unless_it_runs(storage: str, tmp, what: str) -> None:
+    """Skip (saying why) where this llama.cpp build dies with an illegal instruction on a tiny
+    ``storage`` file: a wheel built on another CPU (e.g. with AVX-512 or AMX) cannot run here."""
     from loraforge.infer.export_gguf import write_gguf
 
-    tmp = tmp_path_factory.mktemp("probe")
     tok = bpe_tokenizer()
-    path = write_gguf(arch_model("llama", tok), tok, tmp / "q.gguf", "q8_0")
+    path = write_gguf(arch_model("llama", tok), tok, tmp / f"probe-{storage}.gguf", storage)
     try:
         llamacpp({"op": "run", "gguf": str(path), "prompts": [[1, 2, 3]], "new_tokens": 1}, tmp)
     except AssertionError as err:
         if "(illegal instruction)" in str(err):
-            pytest.skip("this llama.cpp build uses CPU instructions this machine lacks on quantized weights; "
-                        "rebuild it here: CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python==0.3.36")
+            pytest.skip(f"this llama.cpp build uses CPU instructions this machine lacks {what}; rebuild it here: "
+                        "CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python==0.3.36 (LLAMACPP_WHEEL=...)")
         raise
+
+
+@pytest.fixture(scope="module", autouse=True)
+def llamacpp_runs(tmp_path_factory):
+    _skip_unless_it_runs("f32", tmp_path_factory.mktemp("probe"), "(even on float32 weights)")
+
+
+@pytest.fixture(scope="module")
+def quantized_dot_ok(tmp_path_factory):
+    """llama.cpp builds made on another CPU can die on Q8_0 dot products only."""
+    _skip_unless_it_runs("q8_0", tmp_path_factory.mktemp("probe-q"), "on quantized weights")
 
 
 @pytest.mark.parametrize("model_type", ARCHS)

@@ -10,12 +10,11 @@ for NF4 and FP4, with and without double quantization, and for every supported a
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from helpers_models import logits, sample_ids, save_folder, smollm2_loads, tiny_tokenizer
+from helpers_models import logits, sample_ids, save_folder, smollm2_first_layers, smollm2_loads, tiny_tokenizer
 from safetensors.torch import load_file
 
 from loraforge.cli import main
@@ -173,19 +172,10 @@ def test_supported_architectures(tmp_path, model_type, capsys):
 def test_smollm2_layers_round_trip_through_bitsandbytes(tmp_path, smollm2_gguf):
     """The real SmolLM2 weights and tokenizer (its first 2 of 30 layers, to keep the test cheap:
     quantizing and running all 30 on 2 shared CPU cores takes minutes)."""
-    from transformers import AutoModelForCausalLM
-
     from loraforge.quant.replace import quantize_model
 
     loads = smollm2_loads()
-    config = copy.deepcopy(loads["warm"].config)
-    config.num_hidden_layers = 2
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loads["warm"].state_dict(), strict=False, assign=True)
-    model.tie_weights()
-    model.model.rotary_emb = loads["warm"].model.rotary_emb
-    model.eval()
+    model = smollm2_first_layers(2)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     quantize_model(model, quant_type="nf4")
     out = save_quantized(model, loads["tokenizer"], tmp_path / "smollm2-nf4")

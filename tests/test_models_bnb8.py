@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 
 import pytest
 import torch
-from helpers_models import logits, sample_ids, save_folder, smollm2_loads, tiny_tokenizer
+from helpers_models import logits, sample_ids, save_folder, smollm2_first_layers, smollm2_loads, tiny_tokenizer
 from safetensors.torch import load_file
 
 from loraforge.cli import main
@@ -146,20 +145,11 @@ def test_int8_model_memory_and_refusals(tmp_path, tiny_llama, capsys):
 def test_smollm2_layers_through_bitsandbytes_8bit(tmp_path, smollm2_gguf):
     """The real SmolLM2 weights (its first 2 of 30 layers) and a real prompt: activations with
     outlier features above 6.0, so the decomposition runs, and still bitsandbytes' logits exactly."""
-    from transformers import AutoModelForCausalLM
-
     from loraforge.quant.int8_rowwise import quantize_rowwise
     from loraforge.quant.replace import quantize_model
 
     loads = smollm2_loads()
-    config = copy.deepcopy(loads["warm"].config)
-    config.num_hidden_layers = 2
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loads["warm"].state_dict(), strict=False, assign=True)
-    model.tie_weights()
-    model.model.rotary_emb = loads["warm"].model.rotary_emb
-    model.eval()
+    model = smollm2_first_layers(2)
     ids = loads["tokenizer"]("The capital of France is Paris. Water boils at 100 degrees.", return_tensors="pt").input_ids
     full = logits(model, ids)
     quantize_model(model, quant_type="llm_int8")
