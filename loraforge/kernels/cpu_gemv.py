@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -179,17 +178,9 @@ class DecodePlan:
         return y
 
 
-def supports(x: torch.Tensor, w: Packed4bit) -> bool:
-    """The fused product's domain: float32 CPU rows (at most :data:`MAX_ROWS`), a 2-D weight of
-    float32 scales or double-quantized ones, the kernel built."""
-    rows = math.prod(x.shape[:-1])
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= MAX_ROWS
-            and len(w.shape) == 2 and x.shape[-1] == w.shape[1] and w.packed.device.type == "cpu"
-            and (w.double_quant or w.absmax.dtype == torch.float32) and library() is not None)
-
-
 def gemv_4bit_cpu(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequant(w)^T + bias`` for float32 ``x [..., K]`` (no gradient); check :func:`supports` first."""
+    """``x @ dequant(w)^T + bias`` for float32 ``x [..., K]`` (no gradient); meant for at most
+    :data:`MAX_ROWS` rows (above that, one dequantization and a GEMM are faster)."""
     return DecodePlan(w, bias)(x)
 
 
