@@ -109,7 +109,8 @@ def time_arms(models: dict, prompts, batch: int, new_tokens: int, repeats: int, 
         for arm, model in models.items():
             with kernels_mode(arm):
                 times[arm].append(run_once(model, prompts, batch, new_tokens, device)[0])
-    return {arm: (len(prompts) * new_tokens / statistics.median(t), outs[arm]) for arm, t in times.items()}
+    # tokens actually generated (an arm that stopped early would otherwise be credited with all of them)
+    return {arm: (sum(map(len, outs[arm])) / statistics.median(t), outs[arm]) for arm, t in times.items()}
 
 
 def main() -> None:
@@ -134,14 +135,14 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nSmolLM2-135M-Instruct, {len(prompts)} prompts, {args.new_tokens} new tokens each, greedy, "
           f"{name}, compute {str(dtype).removeprefix('torch.')}, torch {torch.__version__}\n")
-    print("| arm | batch | tokens/s | same tokens as loraforge nf4 |")
-    print("|---|---|---|---|")
+    print("| arm | batch | tokens/s | tokens generated | same tokens as loraforge nf4 |")
+    print("|---|---|---|---|---|")
     for batch in args.batch:
         results = time_arms(models, prompts, batch, args.new_tokens, args.repeats, args.device)
         reference = next(iter(results.values()))[1]
         for arm, (tps, outs) in results.items():
             same = sum(a == b for a, b in zip(outs, reference))
-            print(f"| {arm} | {batch} | {tps:,.1f} | {same}/{len(outs)} |", flush=True)
+            print(f"| {arm} | {batch} | {tps:,.1f} | {sum(map(len, outs))} | {same}/{len(outs)} |", flush=True)
 
 
 if __name__ == "__main__":

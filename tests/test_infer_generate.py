@@ -66,6 +66,18 @@ def test_stops_at_stop_tokens_and_sampling_is_seeded():
     assert len({tuple(r) for r in runs[0]}) > 1  # rows drew different tokens
 
 
+def test_no_stop_ids_means_no_stop_even_at_the_models_eos():
+    """``stop_ids=[]`` runs exactly ``max_new_tokens`` steps: the model's own generation config
+    (here: an EOS that greedy decoding emits at step 3) is not filled in."""
+    tok = bpe_tokenizer()
+    model = tiny_model(tok)
+    prompt = encode_text("hello", tok, None)
+    greedy = generate_ids(model, [prompt], GenerationSettings(max_new_tokens=8), stop_ids=[], pad_id=0)[0]
+    model.generation_config.eos_token_id = greedy[3]
+    again = generate_ids(model, [prompt], GenerationSettings(max_new_tokens=8), stop_ids=[], pad_id=0)[0]
+    assert len(again) == 8 and again == greedy
+
+
 def _folders(tmp_path, chat_template=True):
     tok = bpe_tokenizer(chat_template)
     model = tiny_model(tok)

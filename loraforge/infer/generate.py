@@ -57,7 +57,9 @@ class GenerationSettings:
         """A ``GenerationConfig`` that pins every knob that changes the result, so that nothing is
         filled in from the model's own generation config (transformers fills only unset fields):
         no repetition penalty or n-gram ban sneaks in, and sampling uses exactly our cuts. (In
-        greedy mode the sampling knobs are unused and left unset.)"""
+        greedy mode the sampling knobs are unused and left unset.) The stop ids are pinned even when
+        there are none: an empty list, not ``None``, which transformers would fill with the model's
+        EOS, stopping a run that was asked for exactly ``max_new_tokens`` tokens."""
         from transformers import GenerationConfig
 
         sampling = {} if self.greedy else {
@@ -71,7 +73,7 @@ class GenerationSettings:
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             num_beams=1,
-            eos_token_id=list(stop_ids) or None,
+            eos_token_id=list(stop_ids),
             pad_token_id=pad_id,
             use_cache=True,
             **sampling,
