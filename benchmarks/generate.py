@@ -3,9 +3,11 @@
 Both arms run the same SmolLM2-135M-Instruct weights (the embedded GGUF, dequantized once into
 loraforge's cache), NF4 with double quantization and block 64, lm_head and embeddings
 unquantized, the same chat-templated prompts, greedy decoding of exactly ``--new-tokens`` tokens
-(no early stop) through transformers' ``generate`` with a KV cache. Only the 4-bit linear layer
-differs: loraforge's ``QuantLinear`` vs bitsandbytes' ``Linear4bit``. A dense row (the same model
-unquantized) gives the scale. One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
+(no early stop) with a KV cache. The peers run as their users run them, through transformers'
+``generate``: bitsandbytes' ``Linear4bit`` model and a dense row (the same model unquantized, the
+scale). loraforge runs its own path (``loraforge.infer.generate``: its ``QuantLinear`` and, for
+the Llama family, the lean decoding loop of ``loraforge.infer.decode``); the arm
+``loraforge-nf4-hf-generate`` runs the same loraforge model through transformers' ``generate``. One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
 The arm ``loraforge-nf4-reference`` runs the same loraforge model with ``LORAFORGE_KERNELS=reference``
 (on CPU: dequantize the whole weight per call, the path before the fused CPU kernel).
 
@@ -31,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE_ARM = "loraforge nf4, reference path (LORAFORGE_KERNELS=reference)"
+HF_GENERATE_ARM = "loraforge nf4 through transformers' generate"
+PEER_ARMS = ("transformers + bitsandbytes nf4", "dense float32 (reference)", "dense bfloat16 (reference)", HF_GENERATE_ARM)
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -52,6 +56,8 @@ def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
         models["loraforge nf4"], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
     if "loraforge-nf4-reference" in arms:
         models[REFERENCE_ARM], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
+    if "loraforge-nf4-hf-generate" in arms:
+        models[HF_GENERATE_ARM], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
     if "bnb-nf4" in arms:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=dtype)
@@ -83,15 +89,21 @@ def kernels_mode(arm: str):
             os.environ["LORAFORGE_KERNELS"] = before
 
 
-def run_once(model, prompts, batch: int, new_tokens: int, device: str) -> tuple[float, list]:
-    """(seconds, generated ids) for all prompts in batches of ``batch``."""
-    from loraforge.infer.generate import GenerationSettings, generate_ids
+def run_once(arm: str, model, prompts, batch: int, new_tokens: int, device: str) -> tuple[float, list]:
+    """(seconds, generated ids) for all prompts in batches of ``batch``: loraforge's arms through
+    its ``generate_ids``, the peers through transformers' ``generate`` with the same settings."""
+    from loraforge.infer.generate import GenerationSettings, generate_ids, left_pad
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
     start = time.perf_counter()
     outs = []
     for i in range(0, len(prompts), batch):
-        outs += generate_ids(model, prompts[i:i + batch], settings, stop_ids=[], pad_id=0)
+        if arm in PEER_ARMS:
+            ids, mask = left_pad(prompts[i:i + batch], 0, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings.hf_config([], 0))
+            outs += out[:, ids.shape[1]:].tolist()
+        else:
+            outs += generate_ids(model, prompts[i:i + batch], settings, stop_ids=[], pad_id=0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start, outs
@@ -103,12 +115,12 @@ def time_arms(models: dict, prompts, batch: int, new_tokens: int, repeats: int, 
     outs = {}
     for arm, model in models.items():
         with kernels_mode(arm):
-            outs[arm] = run_once(model, prompts, batch, new_tokens, device)[1]
+            outs[arm] = run_once(arm, model, prompts, batch, new_tokens, device)[1]
     times: dict[str, list[float]] = {arm: [] for arm in models}
     for _ in range(repeats):
         for arm, model in models.items():
             with kernels_mode(arm):
-                times[arm].append(run_once(model, prompts, batch, new_tokens, device)[0])
+                times[arm].append(run_once(arm, model, prompts, batch, new_tokens, device)[0])
     # tokens actually generated (an arm that stopped early would otherwise be credited with all of them)
     return {arm: (sum(map(len, outs[arm])) / statistics.median(t), outs[arm]) for arm, t in times.items()}
 
@@ -120,7 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"],
-                        help="loraforge-nf4, loraforge-nf4-reference, bnb-nf4, dense")
+                        help="loraforge-nf4, loraforge-nf4-hf-generate, loraforge-nf4-reference, bnb-nf4, dense")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -110,11 +110,19 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], settings: GenerationSe
     ``should_stop`` is asked after every token; True ends generation there (Ctrl-C in a chat)."""
     if any(len(p) == 0 for p in prompts):
         raise UserError("a prompt encoded to no tokens; give some text")
+    from loraforge.infer.decode import lean_base, lean_generate
+
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings.hf_config(stop_ids, pad_id),
-                         streamer=streamer, stopping_criteria=_stopping(should_stop))
-    return [cut_at_stop(row, stop_ids) for row in out[:, ids.shape[1]:].tolist()]
+    config = settings.hf_config(stop_ids, pad_id)
+    base = lean_base(model, ids.shape[1] + settings.max_new_tokens)
+    if base is not None:
+        new = lean_generate(base, ids, mask, config, streamer=streamer, should_stop=should_stop)
+    else:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer,
+                             stopping_criteria=_stopping(should_stop))
+        new = out[:, ids.shape[1]:]
+    return [cut_at_stop(row, stop_ids) for row in new.tolist()]
 
 
 def _stopping(should_stop: Callable[[], bool] | None):

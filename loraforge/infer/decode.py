@@ -1,0 +1,174 @@
+"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2): the same modules, fewer
+operations around them.
+
+At batch 1 a decoding step of a small model on a CPU spends more time in the framework around
+the layers than in the layers' arithmetic: transformers' ``generate`` rebuilds masks, cache
+positions and keyword plumbing every step, grows its cache with ``torch.cat`` and runs each
+attention through a dispatch layer. This loop computes the same decoder with the model's own
+modules (embeddings, RMSNorms, projections, whatever adapter layers sit in them, the MLP, the
+rotary embedding, the head) and only the arithmetic between them written out:
+
+    h <- h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = input_layernorm(h)
+    h <- h + mlp(post_attention_layernorm(h))
+
+with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
+value head), keys and values written in place into a preallocated cache of the run's full length
+(prompt + ``max_new_tokens``), and the head applied to the last position only. Left padding works
+as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and padded keys are
+masked. The token choice is transformers' own: the same ``GenerationConfig``, the same logits
+processors built from it (temperature, top-k, top-p), argmax or one ``torch.multinomial`` draw
+per step, finished rows padded with ``pad_id``; so greedy tokens equal ``generate``'s and the
+logits agree to floating-point rounding (tested, with and without adapters).
+
+A model that is anything else (another architecture, a sliding window shorter than the run,
+forward hooks such as prefix tuning's, a patched attention or layer forward) goes through
+``generate``; ``LORAFORGE_KERNELS=reference`` forces that path too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def lean_base(model, total_length: int):
+    """The transformers causal LM to decode leanly (an AdapterModel unwrapped), or None when the
+    lean loop would not compute exactly what ``model.generate`` computes."""
+    from loraforge.adapters.model import AdapterModel
+    from loraforge.kernels.dispatch import mode
+
+    if mode() == "reference":
+        return None
+    base = model.model if isinstance(model, AdapterModel) else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES or base.training:
+        return None
+    decoder = getattr(base, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or not hasattr(base, "lm_head") or not hasattr(decoder, "rotary_emb"):
+        return None
+    bypassed = [base, decoder, *layers, *(layer.self_attn for layer in layers)]
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in bypassed):
+        return None
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    if config.model_type == "mistral":
+        windows.append(getattr(config, "sliding_window", None))
+    if any(w is not None and total_length > w for w in windows):
+        return None
+    return base
+
+
+class KVCache:
+    """Keys and values of every layer, ``(batch, kv_heads, length, head_dim)`` each, filled in
+    place; ``valid[b, j]`` says whether column ``j`` holds a real (not padding) token."""
+
+    def __init__(self, base, batch: int, length: int, valid_prompt: torch.Tensor):
+        config = base.config
+        attn = base.model.layers[0].self_attn
+        kv_heads = config.num_key_value_heads
+        weight = base.model.embed_tokens.weight
+        shape = (batch, kv_heads, length, attn.head_dim)
+        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in base.model.layers]
+        self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in base.model.layers]
+        self.valid = torch.ones((batch, length), dtype=torch.bool, device=weight.device)
+        self.valid[:, :valid_prompt.shape[1]] = valid_prompt
+        self.padded = not bool(valid_prompt.all())
+        self.filled = 0
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it: ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def attention_mask(cache: KVCache, width: int, end: int) -> torch.Tensor | None:
+    """The boolean mask for ``width`` new queries ending at cache column ``end`` (None when there is
+    no padding: plain causal). A padding query sees itself, so that no row is all masked."""
+    if not cache.padded:
+        return None
+    keys = cache.valid[:, None, None, :end]
+    if width == 1:
+        return keys
+    rows = torch.arange(end - width, end, device=keys.device)[:, None]
+    cols = torch.arange(end, device=keys.device)[None, :]
+    return (keys & (cols <= rows)) | (cols == rows)
+
+
+def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Run ``ids`` (batch, width) at ``positions`` through the decoder, appending their keys and
+    values to ``cache``; the float32 logits of the last position, (batch, vocab)."""
+    decoder = base.model
+    batch, width = ids.shape
+    start, end = cache.filled, cache.filled + width
+    h = decoder.embed_tokens(ids)
+    cos, sin = decoder.rotary_emb(h, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    mask = attention_mask(cache, width, end)
+    causal = mask is None and width > 1
+    for i, layer in enumerate(decoder.layers):
+        attn = layer.self_attn
+        n = layer.input_layernorm(h)
+        q = attn.q_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        keys, values = cache.keys[i], cache.values[i]
+        keys[:, :, start:end] = rotate(k, cos, sin)
+        values[:, :, start:end] = v
+        o = F.scaled_dot_product_attention(rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end],
+                                           attn_mask=mask, is_causal=causal, scale=attn.scaling,
+                                           enable_gqa=keys.shape[1] != q.shape[1])
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, width, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    cache.filled = end
+    return base.lm_head(decoder.norm(h[:, -1:]))[:, -1].float()
+
+
+@torch.no_grad()
+def lean_generate(base, ids: torch.Tensor, mask: torch.Tensor, generation_config, *, streamer=None,
+                  should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+    """New tokens (batch, <= max_new_tokens) for left-padded ``ids`` / ``mask``, chosen as
+    ``generate`` chooses them under ``generation_config``."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    gc = generation_config
+    processors = LogitsProcessorList()
+    if gc.do_sample:  # transformers' order; each only when it changes something
+        if gc.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(gc.temperature))
+        if gc.top_k:
+            processors.append(TopKLogitsWarper(top_k=gc.top_k, min_tokens_to_keep=1))
+        if gc.top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=gc.top_p, min_tokens_to_keep=1))
+    stop = torch.tensor(list(gc.eos_token_id or []), dtype=torch.long, device=ids.device)
+    batch, width = ids.shape
+    cache = KVCache(base, batch, width + gc.max_new_tokens, mask.bool())
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    tokens = []
+    logits = step(base, ids, positions, cache)
+    for n in range(gc.max_new_tokens):
+        scores = processors(ids, logits)  # none of them reads the ids
+        if gc.do_sample:
+            token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = torch.argmax(scores, dim=-1)
+        token = torch.where(unfinished, token, gc.pad_token_id)
+        tokens.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if stop.numel():
+            unfinished &= ~torch.isin(token, stop)
+        if n + 1 == gc.max_new_tokens or not bool(unfinished.any()) or (should_stop is not None and should_stop()):
+            break
+        positions = positions[:, -1:] + 1
+        logits = step(base, token[:, None], positions, cache)
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(tokens, dim=1)

@@ -1,0 +1,157 @@
+"""The lean decoding loop (``loraforge.infer.decode``) against transformers' ``generate`` and a
+full forward without cache: the same greedy tokens, logits equal to fp32 rounding at every step,
+the same seeded samples; left padding, grouped-query heads, 4-bit bases and adapters; and the
+cases it must hand back to ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from helpers_infer import make_adapter
+
+from loraforge.adapters import attach
+from loraforge.infer.decode import KVCache, lean_base, lean_generate, step
+from loraforge.infer.generate import GenerationSettings, generate_ids, left_pad
+
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, eos_token_id=1,
+              bos_token_id=2, pad_token_id=0)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"rope_theta": 500.0}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+}
+PROMPTS = [[5, 9, 17, 33, 4, 70], [8, 3], [41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
+
+
+def _model(model_type: str, base: str = "plain", **overrides):
+    config_name, model_name, arch = ARCHS[model_type]
+    config = getattr(transformers, config_name)(**{**COMMON, **arch, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so that the logits differ visibly
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.3 if "norm" in name else 0.1)
+            if "norm" in name:
+                p.add_(1.0)
+    if base in ("nf4+lora", "nf4+dora"):
+        from loraforge.quant.replace import quantize_model
+
+        quantize_model(model, quant_type="nf4", compute_dtype=torch.float32)
+        model = make_adapter(model, base.split("+")[1])
+    return model
+
+
+def _hf(model, prompts, settings):
+    ids, mask = left_pad(prompts, 0)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings.hf_config([], 0))
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+@pytest.mark.parametrize("base", ["plain", "nf4+lora", "nf4+dora"])
+def test_greedy_tokens_equal_generate_batched_and_alone(model_type, base):
+    model = _model(model_type, base)
+    settings = GenerationSettings(max_new_tokens=12)
+    ids, mask = left_pad(PROMPTS, 0)
+    lean = lean_base(model, ids.shape[1] + 12)
+    assert lean is not None  # the loop under test is the one that runs
+    got = lean_generate(lean, ids, mask, settings.hf_config([], 0))
+    assert torch.equal(got, _hf(model, PROMPTS, settings))
+    for row, prompt in enumerate(PROMPTS):  # padding changes nothing
+        alone = lean_generate(lean, *left_pad([prompt], 0), settings.hf_config([], 0))
+        assert torch.equal(alone[0], got[row])
+    assert len({tuple(r) for r in got.tolist()}) == len(PROMPTS)  # a non-degenerate run
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_step_logits_equal_a_full_forward_at_every_position(model_type):
+    """Prefill, then one token at a time into the cache: each step's logits are those of a full
+    forward over the whole (left-padded) sequence without cache, to fp32 rounding."""
+    model = _model(model_type, "nf4+lora")
+    seq = [[5, 9, 17, 33, 4, 70, 12, 13, 14, 15], [0, 0, 0, 0, 8, 3, 61, 62, 63, 64]]  # row 2: 4 pads
+    ids = torch.tensor(seq)
+    mask = (ids != 0).long()
+    mask[0] = 1
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits.float()
+    lean = lean_base(model, ids.shape[1])
+    prompt = 6
+    cache = KVCache(lean, 2, ids.shape[1], mask[:, :prompt].bool())
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        got = [step(lean, ids[:, :prompt], positions[:, :prompt], cache)]
+        for t in range(prompt, ids.shape[1]):
+            got.append(step(lean, ids[:, t:t + 1], positions[:, t:t + 1], cache))
+    for i, logits in enumerate(got):
+        torch.testing.assert_close(logits, full[:, prompt - 1 + i], rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_samples_equal_generate():
+    model = _model("llama", "nf4+lora")
+    settings = GenerationSettings(max_new_tokens=10, temperature=1.3, top_k=20, top_p=0.9)
+    torch.manual_seed(7)
+    hf = _hf(model, PROMPTS, settings)
+    torch.manual_seed(7)
+    ids, mask = left_pad(PROMPTS, 0)
+    got = lean_generate(lean_base(model, 64), ids, mask, settings.hf_config([], 0))
+    assert torch.equal(got, hf)
+    greedy = _hf(model, PROMPTS, GenerationSettings(max_new_tokens=10))
+    assert not torch.equal(got, greedy)  # sampling drew something other than the argmax
+
+
+def test_stops_pad_finished_rows_and_the_run_ends_when_all_stopped():
+    model = _model("llama")
+    greedy = generate_ids(model, PROMPTS, GenerationSettings(max_new_tokens=12), stop_ids=[], pad_id=0)
+    stop = greedy[0][2]
+    settings = GenerationSettings(max_new_tokens=12)
+    ids, mask = left_pad(PROMPTS, 0)
+    config = settings.hf_config([stop], 0)
+    lean = lean_generate(lean_base(model, 64), ids, mask, config)
+    hf = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert torch.equal(lean, hf)
+    assert (lean == 0).any()  # a finished row was padded while another went on
+    assert generate_ids(model, PROMPTS, settings, stop_ids=[stop], pad_id=0)[0] == greedy[0][:greedy[0].index(stop)]
+    asked = []
+    out = generate_ids(model, PROMPTS[:1], settings, stop_ids=[], pad_id=0,
+                       should_stop=lambda: asked.append(1) or len(asked) == 3)
+    assert out == [greedy[0][:3]]
+
+
+def test_streamer_sees_the_prompt_then_each_token():
+    model = _model("llama")
+    seen = []
+
+    class Streamer:
+        def put(self, value):
+            seen.append(value.tolist())
+
+        def end(self):
+            seen.append("end")
+
+    out = generate_ids(model, PROMPTS[:1], GenerationSettings(max_new_tokens=4), stop_ids=[], pad_id=0,
+                       streamer=Streamer())
+    assert seen == [[PROMPTS[0]], *[[t] for t in out[0]], "end"]
+
+
+def test_what_the_lean_loop_hands_back_to_generate(monkeypatch):
+    from loraforge.adapters.prefix import PrefixConfig
+
+    assert lean_base(_model("llama"), 64) is not None
+    # a sliding window shorter than the run
+    assert lean_base(_model("mistral", sliding_window=8), 8) is not None
+    assert lean_base(_model("mistral", sliding_window=8), 9) is None
+    assert lean_base(_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1), 9) is None
+    # prefix tuning feeds the layers through a forward hook
+    prefixed = attach(_model("llama"), PrefixConfig(num_virtual_tokens=3))
+    assert lean_base(prefixed, 64) is None
+    # another architecture
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**COMMON, "head_dim": 8})).eval()
+    assert lean_base(gemma, 64) is None
+    # training mode, and the reference switch
+    assert lean_base(_model("llama").train(), 64) is None
+    monkeypatch.setenv("LORAFORGE_KERNELS", "reference")
+    assert lean_base(_model("llama"), 64) is None
