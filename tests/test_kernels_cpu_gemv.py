@@ -76,12 +76,13 @@ def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkey
     real = cpu_gemv.DecodePlan.__call__
     monkeypatch.setattr(cpu_gemv.DecodePlan, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
     with torch.no_grad():
-        x = torch.randn(2, 8, 96)  # 16 rows: fused
+        rows = cpu_gemv.MAX_ROWS
+        x = torch.randn(2, rows // 2, 96)  # MAX_ROWS rows: fused
         torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
-        layer(torch.randn(17, 96))  # 17 rows: dequantize + one GEMM
+        layer(torch.randn(rows + 1, 96))  # one more: dequantize + one GEMM
         assert layer(torch.randn(0, 96)).shape == (0, 40)  # no rows: nothing to fuse
         layer(torch.randn(2, 96).bfloat16())  # compute dtype float32: fused after the cast
-    assert calls == [(2, 8, 96), (2, 96)]
+    assert calls == [(2, rows // 2, 96), (2, 96)]
     x = torch.randn(3, 96, requires_grad=True)
     out = layer(x)  # a gradient is wanted: the autograd path
     out.sum().backward()
@@ -105,7 +106,7 @@ def test_large_rows_dequantize_into_one_reused_buffer():
     a, b = quant_layer(64, 128, seed=1), quant_layer(96, 64, seed=2)
     with torch.no_grad():
         for layer in (a, b, a):
-            x = torch.randn(40, layer.in_features)
+            x = torch.randn(cpu_gemv.MAX_ROWS + 8, layer.in_features)
             assert torch.equal(layer(x), F.linear(x, layer.dequantize(), layer.bias))
     assert len(_BUFFERS) == 1
     (buffer,) = _BUFFERS.values()

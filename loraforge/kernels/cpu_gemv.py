@@ -38,7 +38,10 @@ import torch
 from loraforge.kernels.dequant import Packed4bit
 from loraforge.kernels.dispatch import mode, notice
 
-MAX_ROWS = 16  # above this many rows of x, dequantize once and use one GEMM
+# above this many rows of x, dequantize once and use one GEMM: the kernel decodes each weight once
+# per 4 rows, so its cost grows with the rows while the GEMM's stays near its fixed dequantization;
+# a whole SmolLM2 prefill on 2 AVX2 cores crossed over at ~48-64 rows (benchmarks/generate.py)
+MAX_ROWS = 40
 SOURCE = Path(__file__).with_name("csrc") / "gemv4bit_cpu.c"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
 
