@@ -5,8 +5,9 @@ At batch 1 a decoding step of a small model on a CPU spends more time in the fra
 the layers than in the layers' arithmetic: transformers' ``generate`` rebuilds masks, cache
 positions and keyword plumbing every step, grows its cache with ``torch.cat`` and runs each
 attention through a dispatch layer. This loop computes the same decoder with the model's own
-modules (embeddings, RMSNorms, projections, whatever adapter layers sit in them, the MLP, the
-rotary embedding, the head) and only the arithmetic between them written out:
+modules (embeddings, projections, whatever adapter layers sit in them, the MLP, the rotary
+embedding, the head; transformers' plain float32 RMSNorms as one fused ``F.rms_norm``) and only
+the arithmetic between them written out:
 
     h <- h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = input_layernorm(h)
     h <- h + mlp(post_attention_layernorm(h))
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def lean_base(model, total_length: int):
@@ -80,10 +82,28 @@ class KVCache:
         self.filled = 0
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers applies it: ``x * cos + rotate_half(x) * sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rope_tables(decoder, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and a signed ``sin`` (``[-sin_1 | sin_2]`` over the two halves of ``head_dim``),
+    (batch, 1, width, head_dim) each, from the model's own rotary embedding."""
+    cos, sin = decoder.rotary_emb(h, positions)
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out: torch.Tensor | None = None):
+    """RoPE as transformers applies it, ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) =
+    [-x_2 | x_1]``, written as ``x * cos + roll(x) * [-sin_1 | sin_2]`` (the same products: a
+    negation is exact), optionally into ``out``."""
+    return torch.add(x * cos, torch.roll(x, x.shape[-1] // 2, -1) * signed_sin, out=out)
+
+
+def norm(module, h: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` for an RMSNorm; transformers' own Llama-family RMSNorm in float32 as one
+    fused ``F.rms_norm`` (``w * h * rsqrt(mean(h^2) + eps)``, the same formula in one pass)."""
+    if (h.dtype == torch.float32 and type(module).__name__ in PLAIN_RMSNORMS and "forward" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks):
+        return F.rms_norm(h, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(h)
 
 
 def attention_mask(cache: KVCache, width: int, end: int) -> torch.Tensor | None:
@@ -106,26 +126,25 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
     batch, width = ids.shape
     start, end = cache.filled, cache.filled + width
     h = decoder.embed_tokens(ids)
-    cos, sin = decoder.rotary_emb(h, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = rope_tables(decoder, h, positions)
     mask = attention_mask(cache, width, end)
     causal = mask is None and width > 1
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
-        n = layer.input_layernorm(h)
+        n = norm(layer.input_layernorm, h)
         q = attn.q_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, start:end] = rotate(k, cos, sin)
+        rotate(k, cos, sin, out=keys[:, :, start:end])
         values[:, :, start:end] = v
         o = F.scaled_dot_product_attention(rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end],
                                            attn_mask=mask, is_causal=causal, scale=attn.scaling,
                                            enable_gqa=keys.shape[1] != q.shape[1])
         h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, width, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + layer.mlp(norm(layer.post_attention_layernorm, h))
     cache.filled = end
-    return base.lm_head(decoder.norm(h[:, -1:]))[:, -1].float()
+    return base.lm_head(norm(decoder.norm, h[:, -1:]))[:, -1].float()
 
 
 @torch.no_grad()
