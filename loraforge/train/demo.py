@@ -74,22 +74,20 @@ def encode(messages: list[dict], tokenizer, template: str) -> list[int]:
 
 @torch.no_grad()
 def answer(model, tokenizer, rows: list[dict], template: str = "auto", max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers to every row's ``messages``, in one left-padded batch."""
+    """Greedy answers to every row's ``messages``, in one left-padded batch (the generation path of
+    ``loraforge generate``, stopping at the tokenizer's EOS)."""
+    from loraforge.infer.generate import GenerationSettings, generate_ids
+
     prompts = [encode(r["messages"], tokenizer, template) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    device = next(model.parameters()).device
-    generator = getattr(model, "model", model)  # the transformers model inside the adapter wrapper
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     was_training = model.training
     model.eval()
-    out = generator.generate(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-        max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-    )
-    model.train(was_training)
-    return [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    try:
+        out = generate_ids(model, prompts, GenerationSettings(max_new_tokens=max_new_tokens), stop_ids=stops, pad_id=pad)
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
 
 def score(rows: list[dict], answers: list[str]) -> list[bool]:
