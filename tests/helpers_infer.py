@@ -107,3 +107,24 @@ def make_adapter(model, method: str, seed: int = 1):
 @torch.no_grad()
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
+
+
+def train_two_steps(tmp_path: Path, base: Path, quantization: str, adapter: str, name: str = "run") -> Path:
+    """The run folder of two real ``loraforge train`` steps on ``base`` with the YAML flow
+    mappings ``quantization`` and ``adapter``, on four tiny "say w" / "w w" chats."""
+    import json
+
+    from loraforge.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                      {"role": "assistant", "content": f"{w} {w}"}]}) + "\n"
+                            for w in ("hello", "world", "paris", "france")))
+    run = tmp_path / name
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(f"model: {base}\nquantization: {quantization}\nadapter: {adapter}\n"
+                   f"data: {{train: {data}, format: messages}}\n"
+                   "train: {steps: 2, batch_size: 2, lr: 0.05, eval_every: 0, gradient_checkpointing: false}\n"
+                   f"output_dir: {run}\n")
+    assert main(["train", str(cfg)]) == 0
+    return run

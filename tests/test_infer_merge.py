@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers_infer import bpe_tokenizer, logits, make_adapter, save_base, tiny_model
+from helpers_infer import bpe_tokenizer, logits, make_adapter, save_base, tiny_model, train_two_steps
 
 from loraforge.cli import main
 
@@ -140,18 +140,7 @@ def _qlora_run(tmp_path, tok):
     """(full-precision base folder, run folder): two real ``loraforge train`` steps of LoRA on
     the base quantized to NF4, as a QLoRA run trains."""
     base = _base_folder(tmp_path, tok, False)
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
-                                                      {"role": "assistant", "content": f"{w} {w}"}]}) + "\n"
-                            for w in ("hello", "world", "paris", "france")))
-    run = tmp_path / "run"
-    cfg = tmp_path / "qlora.yaml"
-    cfg.write_text(f"model: {base}\nquantization: {{type: nf4, blocksize: 64, double_quant: true}}\n"
-                   f"adapter: {{r: 4, alpha: 8}}\ndata: {{train: {data}, format: messages}}\n"
-                   "train: {steps: 2, batch_size: 2, lr: 0.05, eval_every: 0, gradient_checkpointing: false}\n"
-                   f"output_dir: {run}\n")
-    assert main(["train", str(cfg)]) == 0
-    return base, run
+    return base, train_two_steps(tmp_path, base, "{type: nf4, blocksize: 64, double_quant: true}", "{r: 4, alpha: 8}")
 
 
 def test_qlora_run_merges_into_the_trained_4bit_model_by_default(tmp_path, capsys):

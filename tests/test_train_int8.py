@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from helpers_infer import bpe_tokenizer, save_base, tiny_model
+from helpers_infer import bpe_tokenizer, save_base, tiny_model, train_two_steps
 from helpers_train import log_rows
 from safetensors.torch import load_file
 
@@ -96,18 +96,8 @@ def test_pissa_on_int8_base_requantizes_the_residual():
 
 def _int8_run(tmp_path, tok, *, method="lora"):
     base = save_base(tiny_model(tok), tok, tmp_path / "base")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
-                                                      {"role": "assistant", "content": f"{w} {w}"}]}) + "\n"
-                            for w in ("hello", "world", "paris", "france")))
-    run = tmp_path / "run"
-    cfg = tmp_path / "int8.yaml"
-    cfg.write_text(f"model: {base}\nquantization: {{type: llm_int8, llm_int8_threshold: 3.0}}\n"
-                   f"adapter: {{method: {method}, r: 4, alpha: 8, targets: [q_proj, v_proj, up_proj]}}\n"
-                   f"data: {{train: {data}, format: messages}}\n"
-                   "train: {steps: 2, batch_size: 2, lr: 0.05, eval_every: 0, gradient_checkpointing: false}\n"
-                   f"output_dir: {run}\n")
-    assert main(["train", str(cfg)]) == 0
+    run = train_two_steps(tmp_path, base, "{type: llm_int8, llm_int8_threshold: 3.0}",
+                          f"{{method: {method}, r: 4, alpha: 8, targets: [q_proj, v_proj, up_proj]}}")
     return base, run
 
 
