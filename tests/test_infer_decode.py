@@ -155,3 +155,13 @@ def test_what_the_lean_loop_hands_back_to_generate(monkeypatch):
     assert lean_base(_model("llama").train(), 64) is None
     monkeypatch.setenv("LORAFORGE_KERNELS", "reference")
     assert lean_base(_model("llama"), 64) is None
+
+
+def test_bfloat16_model_decodes_as_generate():
+    """A bfloat16 model (the GPU compute dtype) keeps its dtype through the cache; greedy tokens
+    equal generate's."""
+    model = _model("llama").to(torch.bfloat16)
+    settings = GenerationSettings(max_new_tokens=8)
+    ids, mask = left_pad(PROMPTS, 0)
+    got = lean_generate(lean_base(model, 64), ids, mask, settings.hf_config([], 0))
+    assert torch.equal(got, _hf(model, PROMPTS, settings))

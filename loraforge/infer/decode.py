@@ -66,20 +66,23 @@ def lean_base(model, total_length: int):
 
 class KVCache:
     """Keys and values of every layer, ``(batch, kv_heads, length, head_dim)`` each, filled in
-    place; ``valid[b, j]`` says whether column ``j`` holds a real (not padding) token."""
+    place (allocated at a layer's first write, in the dtype its projections produce); ``valid[b,
+    j]`` says whether column ``j`` holds a real (not padding) token."""
 
     def __init__(self, base, batch: int, length: int, valid_prompt: torch.Tensor):
-        config = base.config
-        attn = base.model.layers[0].self_attn
-        kv_heads = config.num_key_value_heads
-        weight = base.model.embed_tokens.weight
-        shape = (batch, kv_heads, length, attn.head_dim)
-        self.keys = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in base.model.layers]
-        self.values = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in base.model.layers]
-        self.valid = torch.ones((batch, length), dtype=torch.bool, device=weight.device)
+        self.shape = (batch, base.config.num_key_value_heads, length, base.model.layers[0].self_attn.head_dim)
+        self.keys: list[torch.Tensor | None] = [None] * len(base.model.layers)
+        self.values: list[torch.Tensor | None] = [None] * len(base.model.layers)
+        self.valid = torch.ones((batch, length), dtype=torch.bool, device=valid_prompt.device)
         self.valid[:, :valid_prompt.shape[1]] = valid_prompt
         self.padded = not bool(valid_prompt.all())
         self.filled = 0
+
+    def layer(self, i: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[i] is None:
+            self.keys[i] = like.new_empty(self.shape)
+            self.values[i] = like.new_empty(self.shape)
+        return self.keys[i], self.values[i]
 
 
 def rope_tables(decoder, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +138,7 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
         q = attn.q_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         v = attn.v_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
-        keys, values = cache.keys[i], cache.values[i]
+        keys, values = cache.layer(i, k)
         rotate(k, cos, sin, out=keys[:, :, start:end])
         values[:, :, start:end] = v
         o = F.scaled_dot_product_attention(rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end],
