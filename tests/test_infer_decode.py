@@ -1,4 +1,4 @@
-"""The lean decoding loop (``loraforge.infer.decode``) against transformers' ``generate`` and a
+"""The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3) against transformers' ``generate`` and a
 full forward without cache: the same greedy tokens, logits equal to fp32 rounding at every step,
 the same seeded samples; left padding, grouped-query heads, 4-bit bases and adapters; and the
 cases it must hand back to ``generate``."""
@@ -23,6 +23,7 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"rope_theta": 500.0}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k norms
 }
 PROMPTS = [[5, 9, 17, 33, 4, 70], [8, 3], [41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 

@@ -1,5 +1,5 @@
-"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2): the same modules, fewer
-operations around them.
+"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2, Qwen3): the same modules,
+fewer operations around them.
 
 At batch 1 a decoding step of a small model on a CPU spends more time in the framework around
 the layers than in the layers' arithmetic: transformers' ``generate`` rebuilds masks, cache
@@ -12,7 +12,8 @@ the arithmetic between them written out:
     h <- h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = input_layernorm(h)
     h <- h + mlp(post_attention_layernorm(h))
 
-with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
+(Qwen3: ``q`` and ``k`` pass the attention's per-head RMSNorms ``q_norm`` / ``k_norm`` before
+RoPE) with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
 value head), keys and values written in place into a preallocated cache of the run's full length
 (prompt + ``max_new_tokens``), and the head applied to the last position only. Left padding works
 as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and padded keys are
@@ -33,8 +34,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
-PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def lean_base(model, total_length: int):
@@ -132,11 +133,15 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
     cos, sin = rope_tables(decoder, h, positions)
     mask = attention_mask(cache, width, end)
     causal = mask is None and width > 1
+    qk_norm = base.config.model_type == "qwen3"
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         n = norm(layer.input_layernorm, h)
-        q = attn.q_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(n).view(batch, width, -1, attn.head_dim)
+        k = attn.k_proj(n).view(batch, width, -1, attn.head_dim)
+        if qk_norm:
+            q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
         keys, values = cache.layer(i, k)
         rotate(k, cos, sin, out=keys[:, :, start:end])
