@@ -1,7 +1,7 @@
 """The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3) against
 transformers' ``generate`` and a full forward without cache: the same greedy tokens, logits equal
-to fp32 rounding at every step, the same seeded samples; left padding, grouped-query heads, 4-bit bases and adapters; and the
-cases it must hand back to ``generate``."""
+to fp32 rounding at every step, the same seeded samples; left padding, grouped-query heads, 4-bit
+bases and adapters; and the cases it must hand back to ``generate``."""
 
 from __future__ import annotations
 
