@@ -40,7 +40,8 @@ from loraforge.kernels.dispatch import mode, notice
 
 # above this many rows of x, dequantize once and use one GEMM: the kernel decodes each weight once
 # per 4 rows, so its cost grows with the rows while the GEMM's stays near its fixed dequantization;
-# a whole SmolLM2 prefill on 2 AVX2 cores crossed over at ~48-64 rows (benchmarks/generate.py)
+# a whole SmolLM2 prefill on 2 cores crossed over at ~48-64 rows with the AVX-512 path and ~40-48
+# with the AVX2 path (both measured on one AVX-512 VM, the AVX2 build with -mno-avx512f)
 MAX_ROWS = 40
 SOURCE = Path(__file__).with_name("csrc") / "gemv4bit_cpu.c"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
