@@ -12,15 +12,15 @@ the arithmetic between them written out:
     h <- h + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),  n = input_layernorm(h)
     h <- h + mlp(post_attention_layernorm(h))
 
-(Qwen3: ``q`` and ``k`` pass the attention's per-head RMSNorms ``q_norm`` / ``k_norm`` before
-RoPE) with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
-value head), keys and values written in place into a preallocated cache of the run's full length
-(prompt + ``max_new_tokens``), and the head applied to the last position only. Left padding works
-as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and padded keys are
-masked. The token choice is transformers' own: the same ``GenerationConfig``, the same logits
-processors built from it (temperature, top-k, top-p), argmax or one ``torch.multinomial`` draw
-per step, finished rows padded with ``pad_id``; so greedy tokens equal ``generate``'s and the
-logits agree to floating-point rounding (tested, with and without adapters).
+with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
+value head; Qwen3's ``q`` and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm``, its
+``ArchSpec.qk_norm == "head"``), keys and values written in place into a preallocated cache of the
+run's full length (prompt + ``max_new_tokens``), and the head applied to the last position only.
+Left padding works as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and
+padded keys are masked. The token choice is transformers' own: the same ``GenerationConfig``, the
+same logits processors built from it (temperature, top-k, top-p), argmax or one
+``torch.multinomial`` draw per step, finished rows padded with ``pad_id``; so greedy tokens equal
+``generate``'s and the logits agree to floating-point rounding (tested, with and without adapters).
 
 A model that is anything else (another architecture, a sliding window shorter than the run,
 forward hooks such as prefix tuning's, a patched attention or layer forward) goes through
@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from loraforge.kernels.arch_specs import spec_for
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
@@ -133,7 +135,7 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
     cos, sin = rope_tables(decoder, h, positions)
     mask = attention_mask(cache, width, end)
     causal = mask is None and width > 1
-    qk_norm = base.config.model_type == "qwen3"
+    qk_norm = spec_for(base.config.model_type).qk_norm == "head"
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         n = norm(layer.input_layernorm, h)
