@@ -1,4 +1,4 @@
-"""The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3) against
+"""The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3, Phi-3) against
 transformers' ``generate`` and a full forward without cache: the same greedy tokens, logits equal
 to fp32 rounding at every step, the same seeded samples; left padding, grouped-query heads, 4-bit
 bases and adapters; and the cases it must hand back to ``generate``."""
@@ -24,6 +24,7 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k norms
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}),  # fused qkv, half the head turns
 }
 PROMPTS = [[5, 9, 17, 33, 4, 70], [8, 3], [41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 
@@ -146,6 +147,7 @@ def test_what_the_lean_loop_hands_back_to_generate(monkeypatch):
     assert lean_base(_model("mistral", sliding_window=8), 8) is not None
     assert lean_base(_model("mistral", sliding_window=8), 9) is None
     assert lean_base(_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1), 9) is None
+    assert lean_base(_model("phi3", sliding_window=8), 9) is None
     # prefix tuning feeds the layers through a forward hook
     prefixed = attach(_model("llama"), PrefixConfig(num_virtual_tokens=3))
     assert lean_base(prefixed, 64) is None

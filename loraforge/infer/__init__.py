@@ -3,7 +3,7 @@
     session.py       load a base (HF folder, GGUF, bnb-4bit folder, alias) plus an unmerged adapter
     prompts.py       prompt text -> token ids (the training chat template, or raw text); stop tokens
     generate.py      batched generation (left padding, KV cache, greedy or sampling); JSONL in/out
-    decode.py        the lean decoding loop generate.py runs for Llama / Mistral / Qwen2 / Qwen3
+    decode.py        the lean decoding loop generate.py runs for Llama / Mistral / Qwen2 / Qwen3 / Phi-3
     chat.py          a terminal chat with history and streamed tokens
     terminal.py      Ctrl-C stops a reply; no echo of keys typed while it streams
     merge.py         fold an adapter into a dense copy of the base it was trained on; write safetensors / nf4

@@ -1,5 +1,5 @@
-"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2, Qwen3): the same modules,
-fewer operations around them.
+"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3): the same
+modules, fewer operations around them.
 
 At batch 1 a decoding step of a small model on a CPU spends more time in the framework around
 the layers than in the layers' arithmetic: transformers' ``generate`` rebuilds masks, cache
@@ -13,8 +13,10 @@ the arithmetic between them written out:
     h <- h + mlp(post_attention_layernorm(h))
 
 with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
-value head; Qwen3's ``q`` and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm``, its
-``ArchSpec.qk_norm == "head"``), keys and values written in place into a preallocated cache of the
+value head), read off the model's :class:`~loraforge.kernels.arch_specs.ArchSpec`: Qwen3's ``q``
+and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm`` (``qk_norm == "head"``);
+Phi-3's fused ``qkv_proj`` is split ``[q | k | v]`` and its RoPE turns only the first
+``partial_rotary_factor`` of each head (as wide as the rotary embedding's tables); keys and values written in place into a preallocated cache of the
 run's full length (prompt + ``max_new_tokens``), and the head applied to the last position only.
 Left padding works as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and
 padded keys are masked. The token choice is transformers' own: the same ``GenerationConfig``, the
@@ -36,8 +38,8 @@ import torch.nn.functional as F
 
 from loraforge.kernels.arch_specs import spec_for
 
-LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
 
 def lean_base(model, total_length: int):
@@ -59,8 +61,9 @@ def lean_base(model, total_length: int):
     bypassed = [base, decoder, *layers, *(layer.self_attn for layer in layers)]
     if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in bypassed):
         return None
-    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
-    if config.model_type == "mistral":
+    where = spec_for(config.model_type).sliding_window  # where transformers reads the window
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers] if where == "module" else []
+    if where == "config":
         windows.append(getattr(config, "sliding_window", None))
     if any(w is not None and total_length > w for w in windows):
         return None
@@ -99,8 +102,16 @@ def rope_tables(decoder, h: torch.Tensor, positions: torch.Tensor) -> tuple[torc
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, out: torch.Tensor | None = None):
     """RoPE as transformers applies it, ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) =
     [-x_2 | x_1]``, written as ``x * cos + roll(x) * [-sin_1 | sin_2]`` (the same products: a
-    negation is exact), optionally into ``out``."""
-    return torch.add(x * cos, torch.roll(x, x.shape[-1] // 2, -1) * signed_sin, out=out)
+    negation is exact), optionally into ``out``. Tables narrower than ``x`` (partial rotary) turn
+    its first ``cos.shape[-1]`` values and pass the rest through."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return torch.add(x * cos, torch.roll(x, d // 2, -1) * signed_sin, out=out)
+    if out is None:
+        return torch.cat((rotate(x[..., :d], cos, signed_sin), x[..., d:]), dim=-1)
+    rotate(x[..., :d], cos, signed_sin, out=out[..., :d])
+    out[..., d:] = x[..., d:]
+    return out
 
 
 def norm(module, h: torch.Tensor) -> torch.Tensor:
@@ -135,16 +146,21 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
     cos, sin = rope_tables(decoder, h, positions)
     mask = attention_mask(cache, width, end)
     causal = mask is None and width > 1
-    qk_norm = spec_for(base.config.model_type).qk_norm == "head"
+    spec = spec_for(base.config.model_type)
+    qk_norm, fused_qkv = spec.qk_norm == "head", spec.qkv == ("qkv_proj",)
+    head_dim = decoder.layers[0].self_attn.head_dim
+    widths = [base.config.num_attention_heads * head_dim, *[base.config.num_key_value_heads * head_dim] * 2]
     for i, layer in enumerate(decoder.layers):
         attn = layer.self_attn
         n = norm(layer.input_layernorm, h)
-        q = attn.q_proj(n).view(batch, width, -1, attn.head_dim)
-        k = attn.k_proj(n).view(batch, width, -1, attn.head_dim)
+        if fused_qkv:
+            q, k, v = attn.qkv_proj(n).split(widths, dim=-1)
+        else:
+            q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
+        q, k, v = (t.view(batch, width, -1, head_dim) for t in (q, k, v))
         if qk_norm:
             q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(n).view(batch, width, -1, attn.head_dim).transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values = cache.layer(i, k)
         rotate(k, cos, sin, out=keys[:, :, start:end])
         values[:, :, start:end] = v
