@@ -7,7 +7,8 @@ unquantized, the same chat-templated prompts, greedy decoding of exactly ``--new
 ``generate``: bitsandbytes' ``Linear4bit`` model and a dense row (the same model unquantized, the
 scale). loraforge runs its own path (``loraforge.infer.generate``: its ``QuantLinear`` and, for
 the Llama family, the lean decoding loop of ``loraforge.infer.decode``); the arm
-``loraforge-nf4-hf-generate`` runs the same loraforge model through transformers' ``generate``. One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
+``loraforge-nf4-hf-generate`` runs the same loraforge model through transformers' ``generate``.
+One warm-up generation per arm, then the median of ``--repeats`` runs, the arms taking turns.
 The arm ``loraforge-nf4-reference`` runs the same loraforge model with ``LORAFORGE_KERNELS=reference``
 (on CPU: dequantize the whole weight per call, the path before the fused CPU kernel).
 
@@ -34,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE_ARM = "loraforge nf4, reference path (LORAFORGE_KERNELS=reference)"
 HF_GENERATE_ARM = "loraforge nf4 through transformers' generate"
-PEER_ARMS = ("transformers + bitsandbytes nf4", "dense float32 (reference)", "dense bfloat16 (reference)", HF_GENERATE_ARM)
+PEER_ARMS = ("transformers + bitsandbytes nf4", "dense float32 (reference)", "dense bfloat16 (reference)",
+             HF_GENERATE_ARM)  # run through transformers' generate
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

@@ -13,11 +13,13 @@ the arithmetic between them written out:
     h <- h + mlp(post_attention_layernorm(h))
 
 with ``attn = softmax(q k^T * head_dim^-1/2 + mask) v`` (grouped-query heads share their key and
-value head), read off the model's :class:`~loraforge.kernels.arch_specs.ArchSpec`: Qwen3's ``q``
-and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm`` (``qk_norm == "head"``);
+value head), keys and values written in place into a preallocated cache of the run's full length
+(prompt + ``max_new_tokens``), and the head applied to the last position only. What differs
+between the families is read off their :class:`~loraforge.kernels.arch_specs.ArchSpec`: Qwen3's
+``q`` and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm`` (``qk_norm == "head"``);
 Phi-3's fused ``qkv_proj`` is split ``[q | k | v]`` and its RoPE turns only the first
-``partial_rotary_factor`` of each head (as wide as the rotary embedding's tables); keys and values written in place into a preallocated cache of the
-run's full length (prompt + ``max_new_tokens``), and the head applied to the last position only.
+``partial_rotary_factor`` of each head (as wide as the rotary tables); the sliding window is read
+where transformers reads it (``sliding_window``).
 Left padding works as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and
 padded keys are masked. The token choice is transformers' own: the same ``GenerationConfig``, the
 same logits processors built from it (temperature, top-k, top-p), argmax or one
