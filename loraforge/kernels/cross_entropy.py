@@ -18,7 +18,8 @@ by the trained tokens of all micro-batches divides itself); the backward only mu
 the incoming gradient. Peak extra memory is one ``[chunk, vocab]`` float32 block plus ``dh``
 (the size of ``h``). The per-row softmax / loss / gradient is one Triton kernel (two passes over
 the row: online max and sum of exponentials, then ``softmax - onehot`` written over the logits
-in place); the reference does the same with PyTorch ops, a few rows at a time. The head matmuls are cuBLAS / MKL.
+in place); the reference does the same with PyTorch ops, a few rows at a time. The head matmuls
+are cuBLAS / MKL.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ The weight lives only as packed k-bit codes plus block scales (optionally double
 How a forward computes the product (the result is the same to float32 rounding):
 
 - few rows (decode, short prefills: at most ``cpu_gemv.MAX_ROWS``) of float32 input on the CPU, no
-  gradient wanted, 4-bit codes: the fused kernel of :mod:`loraforge.kernels.cpu_gemv`, which reads the packed codes and scales once
-  and never materialises the weight;
+  gradient wanted, 4-bit codes: the fused kernel of :mod:`loraforge.kernels.cpu_gemv`, which reads
+  the packed codes and scales once and never materialises the weight;
 - otherwise (long prefills, training, other devices and bit widths): the weight is dequantized to the
   compute dtype (4-bit: into one buffer shared by all layers and reused from call to call, see
   :func:`loraforge.kernels.lora_linear.base_weight`) for one matmul, in forward and again in
