@@ -67,6 +67,19 @@ def test_reference_path(reference_kernels, reduction, monkeypatch):
     _check(torch.float32, reduction, 1e-5, chunk_size=8)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_head_matmul_in_vocabulary_blocks(reference_kernels, monkeypatch, dtype, tol):
+    """The CPU head matmul in blocks of 64 vocabulary rows (250 = 3 x 64 + 58): the loss and both
+    gradients as F.cross_entropy's, and the logits bit for bit those of one matmul."""
+    from loraforge.kernels.cross_entropy import _head_logits
+
+    monkeypatch.setattr("loraforge.kernels.cross_entropy.VOCAB_BLOCK", 64)
+    _check(dtype, "mean", tol)
+    hidden, weight, _ = _case(dtype, seed=4)
+    h = hidden.detach().reshape(-1, 32)
+    assert torch.equal(_head_logits(h, weight.detach()), h @ weight.detach().t())
+
+
 def test_frozen_head_and_all_ignored(reference_kernels):
     hidden, weight, labels = _case(torch.float32, seed=3)
     weight.requires_grad_(False)

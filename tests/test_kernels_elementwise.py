@@ -15,7 +15,7 @@ from helpers_kernels import rel_err, triton_interpret  # noqa: F401
 
 from loraforge.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference
 from loraforge.kernels.rope import RoPEFunction, apply_rope, rope_reference
-from loraforge.kernels.swiglu import SwiGLUFunction, swiglu_reference
+from loraforge.kernels.swiglu import SwiGLUFunction, swiglu_backward_in_place, swiglu_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -64,6 +64,20 @@ def test_swiglu(triton_interpret, dtype, act):
     ref, rgrads = _grads(lambda a, b: swiglu_reference(a, b, act), _f64(g, u), dh.double())
     for got, want in ((out, ref), *zip(grads, rgrads)):
         assert rel_err(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_in_place(dtype, act):
+    """The PyTorch path's backward writes dg over g and du over u, here the two column halves of
+    one [rows, 2I] product (Phi-3's gate_up_proj), as float64 autograd of the reference."""
+    gu = torch.cat([3 * torch.randn(7, 50), torch.randn(7, 50)], dim=1).to(dtype)
+    dh = torch.randn(7, 50, dtype=dtype)
+    halves64 = [t.double().requires_grad_() for t in gu.chunk(2, dim=1)]
+    _, (want_dg, want_du) = _grads(lambda a, b: swiglu_reference(a, b, act), halves64, dh.double())
+    g, u = gu.chunk(2, dim=1)
+    swiglu_backward_in_place(dh, g, u, act)
+    assert rel_err(g, want_dg) < TOL[dtype] and rel_err(u, want_du) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

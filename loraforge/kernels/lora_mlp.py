@@ -44,7 +44,7 @@ from loraforge.kernels.lora_linear import (
     project_backward,
 )
 from loraforge.kernels.swiglu import (
-    swiglu_backward_reference,
+    swiglu_backward_in_place,
     swiglu_backward_triton,
     swiglu_forward_triton,
     swiglu_reference,
@@ -67,9 +67,7 @@ def _act_backward_in_place(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, a
     if use_triton(dh):
         swiglu_backward_triton(dh, g, u, dg=g, du=u, act=act)
     else:
-        dg, du = swiglu_backward_reference(dh, g, u, act)
-        g.copy_(dg)
-        u.copy_(du)
+        swiglu_backward_in_place(dh, g, u, act)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
