@@ -40,8 +40,9 @@ except ImportError:
 IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk
 # the PyTorch path's softmax passes run over this many rows at a time (a few MB at a 50k-150k
-# vocabulary): each slice stays in cache across its five passes instead of streaming the whole
-# chunk from memory five times (a 341-row SmolLM2 chunk: ~61 -> ~38 ms on 2 cores, the same bits)
+# vocabulary): each slice stays in cache across its passes instead of streaming the whole chunk
+# from memory each time (a 341-row SmolLM2 chunk: ~61 -> ~38 ms on 2 cores, the same bits); the
+# passes work in place, with no [rows, vocab] temporary (logsumexp's cost another ~2x: 47 -> 26 ms)
 ROWS_IN_CACHE = 32
 # CPU: the head matmul h [C, H] @ W^T with W [V, H] takes this many rows of W per call. One call
 # over a whole 49k-152k vocabulary runs MKL's transposed-B path at ~60-70% of its rate on the
@@ -94,11 +95,13 @@ def _rows_loss_and_grad(z: torch.Tensor, labels: torch.Tensor, scale: float) -> 
     loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
     for start in range(0, z.shape[0], ROWS_IN_CACHE):  # each slice's passes stay in cache
         zs, ys = z[start:start + ROWS_IN_CACHE], labels[start:start + ROWS_IN_CACHE]
-        lse = torch.logsumexp(zs, dim=1)
-        loss[start:start + ROWS_IN_CACHE] = lse - zs.gather(1, ys[:, None]).squeeze(1)
-        zs.sub_(lse[:, None]).exp_()
-        zs[torch.arange(zs.shape[0], device=z.device), ys] -= 1.0
-        zs.mul_(scale)
+        row_max = zs.amax(1, keepdim=True)
+        z_label = zs.gather(1, ys[:, None])
+        zs.sub_(row_max).exp_()                      # exp(z - max), in place: no temporaries
+        sum_exp = zs.sum(1, keepdim=True)
+        loss[start:start + ROWS_IN_CACHE] = (row_max + sum_exp.log() - z_label).squeeze(1)
+        zs.mul_(scale / sum_exp)                     # scale * softmax(z)
+        zs[torch.arange(zs.shape[0], device=z.device), ys] -= scale
     return loss
 
 
