@@ -105,11 +105,22 @@ def _rows_loss_and_grad(z: torch.Tensor, labels: torch.Tensor, scale: float) -> 
     return loss
 
 
+# CPU: one logits block per dtype, reused by every chunk and call (valid until the next). A fresh
+# 64 MB tensor is a fresh mapping from the OS each time (glibc maps blocks over 32 MB and unmaps
+# them when freed): 16k page faults on its first write, in the middle of the head matmul.
+_LOGITS: dict[torch.dtype, torch.Tensor] = {}
+
+
 def _head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``h @ weight^T`` (``[C, V]``), on CPU in blocks of ``VOCAB_BLOCK`` vocabulary rows."""
+    """``h @ weight^T`` (``[C, V]``), on CPU in blocks of ``VOCAB_BLOCK`` vocabulary rows, into
+    the reused logits block."""
     if h.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
         return h @ weight.t()
-    z = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
+    n = h.shape[0] * weight.shape[0]
+    buf = _LOGITS.get(h.dtype)
+    if buf is None or buf.numel() < n:
+        buf = _LOGITS[h.dtype] = torch.empty(n, dtype=h.dtype)
+    z = buf[:n].view(h.shape[0], weight.shape[0])
     for v0 in range(0, weight.shape[0], VOCAB_BLOCK):
         torch.mm(h, weight[v0:v0 + VOCAB_BLOCK].t(), out=z[:, v0:v0 + VOCAB_BLOCK])
     return z
