@@ -77,6 +77,31 @@ def test_response_perplexity_equals_per_example_reference():
     assert got.value == pytest.approx(math.exp(nll / count), rel=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "granite", "gemma2", "phi", "gpt2"])
+def test_perplexity_without_logits_equals_the_logits(model_type):
+    """Known architectures score through the chunked loss (Granite's logit divisor and Gemma 2's
+    soft cap applied), the others through their logits; both equal F.cross_entropy of
+    ``model(...).logits``. A hook on the head sends a known architecture through its logits."""
+    from helpers_gguf import arch_model
+
+    from loraforge.infer import evaluate
+
+    tok = bpe_tokenizer()
+    model = arch_model(model_type, tok)
+    ids = tok.encode(TEXT)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    want = math.exp(F.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
+    chunked = evaluate._chunked_head(model) is not None
+    assert chunked == (model_type not in ("phi", "gpt2"))
+    assert perplexity_text(model, ids, len(ids), len(ids)).value == pytest.approx(want, rel=1e-5)
+    if chunked:
+        handle = model.lm_head.register_forward_hook(lambda module, args, out: out)
+        assert evaluate._chunked_head(model) is None
+        assert perplexity_text(model, ids, len(ids), len(ids)).value == pytest.approx(want, rel=1e-5)
+        handle.remove()
+
+
 def _folders(tmp_path):
     tok = bpe_tokenizer()
     save_base(tiny_model(tok), tok, tmp_path / "base")

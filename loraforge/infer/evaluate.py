@@ -14,6 +14,11 @@ averaged per window first, so windows of different sizes weigh what they hold).
   for training (``loraforge.data.build_dataset``) and only the trained tokens (the responses) are
   scored: the perplexity of the answers given the prompts.
 
+Both score through the chunked linear + cross-entropy of training
+(:mod:`loraforge.kernels.cross_entropy`: no ``[tokens, vocab]`` logits, the head's logit
+transforms of the architecture's spec) when the model is a transformers causal LM with such a
+spec and a plain head, and through the model's own logits otherwise (the same values: tested).
+
 Accuracy: greedy answers to ``{prompt, answer}`` rows, counted correct by ``exact`` match (both
 stripped of surrounding whitespace) or when the answer is ``contained`` in the output.
 """
@@ -66,6 +71,46 @@ def _device(model):
     return next(model.parameters()).device
 
 
+def _plain(module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _chunked_head(model):
+    """``(decoder, head weight, logit divisor, soft cap)`` when the summed NLL can come from the
+    decoder's hidden states and the chunked loss exactly as from ``model(...).logits`` (a known
+    architecture; the causal LM and its head unhooked and unpatched; a bias-free linear head),
+    else None."""
+    from loraforge.adapters.model import AdapterModel
+    from loraforge.kernels.arch_specs import spec_for
+
+    lm = model.model if isinstance(model, AdapterModel) else model
+    config = getattr(lm, "config", None)
+    arch = spec_for(getattr(config, "model_type", None))
+    head, decoder = getattr(lm, "lm_head", None), getattr(lm, "model", None)
+    if arch is None or type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(decoder, "layers"):
+        return None
+    if not (_plain(lm) and _plain(head)):
+        return None
+    divisor = getattr(config, arch.logit_divisor_key) if arch.logit_divisor_key else 1.0
+    softcap = getattr(config, arch.logit_softcap_key, None) if arch.logit_softcap_key else None
+    return decoder, head.weight, divisor, softcap
+
+
+def _summed_nll(model, inputs: dict, targets: torch.Tensor) -> float:
+    """``sum -log p(targets[b, p] | inputs up to p)`` over the targets that are not -100
+    (``targets [B, T]`` aligned with the input positions: position p predicts ``targets[:, p]``)."""
+    from loraforge.kernels.cross_entropy import linear_cross_entropy
+
+    head = _chunked_head(model)
+    if head is None:
+        logits = model(**inputs).logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum").item()
+    decoder, weight, divisor, softcap = head
+    hidden = decoder(**inputs).last_hidden_state
+    return linear_cross_entropy(hidden, weight, targets, reduction="sum", divisor=divisor, softcap=softcap).item()
+
+
 @torch.no_grad()
 def perplexity_text(model, ids: Sequence[int], window: int, stride: int,
                     on_window: Callable[[int], None] | None = None) -> Perplexity:
@@ -77,11 +122,10 @@ def perplexity_text(model, ids: Sequence[int], window: int, stride: int,
     tokens = torch.tensor(list(ids), dtype=torch.long, device=device)
     nll, count = 0.0, 0
     for begin, end, first in windows(len(ids), window, stride):
-        logits = model(input_ids=tokens[None, begin:end]).logits[0].float()
-        # logits at position p predict token p + 1; score targets first..end-1
-        pred = logits[first - begin - 1:end - begin - 1]
-        target = tokens[first:end]
-        nll += F.cross_entropy(pred, target, reduction="sum").item()
+        # position p predicts token p + 1; score the targets first..end-1
+        targets = torch.full((1, end - begin), -100, dtype=torch.long, device=device)
+        targets[0, first - begin - 1:end - begin - 1] = tokens[first:end]
+        nll += _summed_nll(model, {"input_ids": tokens[None, begin:end]}, targets)
         count += end - first
         if on_window is not None:
             on_window(1)
@@ -101,10 +145,9 @@ def perplexity_responses(model, examples: Sequence[dict], pad_id: int, batch_siz
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
         labels = batch.pop("labels").to(device)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-        pred, target = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-        nll += F.cross_entropy(pred, target, ignore_index=-100, reduction="sum").item()
-        count += int((target != -100).sum())
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts p + 1
+        nll += _summed_nll(model, {k: v.to(device) for k, v in batch.items()}, targets)
+        count += int((targets != -100).sum())
         if on_batch is not None:
             on_batch(len(batch["input_ids"]))
     return Perplexity(nll, count)
