@@ -44,15 +44,27 @@ LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 
 
+def unhooked(*modules) -> bool:
+    """No forward hooks and no instance-patched ``forward`` on any of ``modules`` (what a path
+    that calls around them needs)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def causal_lm(model):
+    """The transformers model inside ``model`` (an AdapterModel unwrapped)."""
+    from loraforge.adapters.model import AdapterModel
+
+    return model.model if isinstance(model, AdapterModel) else model
+
+
 def lean_base(model, total_length: int):
     """The transformers causal LM to decode leanly (an AdapterModel unwrapped), or None when the
     lean loop would not compute exactly what ``model.generate`` computes."""
-    from loraforge.adapters.model import AdapterModel
     from loraforge.kernels.dispatch import mode
 
     if mode() == "reference":
         return None
-    base = model.model if isinstance(model, AdapterModel) else model
+    base = causal_lm(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in LEAN_MODEL_TYPES or base.training:
         return None
@@ -61,7 +73,7 @@ def lean_base(model, total_length: int):
     if layers is None or not hasattr(base, "lm_head") or not hasattr(decoder, "rotary_emb"):
         return None
     bypassed = [base, decoder, *layers, *(layer.self_attn for layer in layers)]
-    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in bypassed):
+    if not unhooked(*bypassed):
         return None
     where = spec_for(config.model_type).sliding_window  # where transformers reads the window
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers] if where == "module" else []

@@ -71,37 +71,31 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _plain(module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
-
-
 def _chunked_head(model):
     """``(decoder, head weight, logit divisor, soft cap)`` when the summed NLL can come from the
     decoder's hidden states and the chunked loss exactly as from ``model(...).logits`` (a known
     architecture; the causal LM and its head unhooked and unpatched; a bias-free linear head),
     else None."""
-    from loraforge.adapters.model import AdapterModel
+    from loraforge.infer.decode import causal_lm, unhooked
     from loraforge.kernels.arch_specs import spec_for
 
-    lm = model.model if isinstance(model, AdapterModel) else model
+    lm = causal_lm(model)
     config = getattr(lm, "config", None)
     arch = spec_for(getattr(config, "model_type", None))
     head, decoder = getattr(lm, "lm_head", None), getattr(lm, "model", None)
     if arch is None or type(head) is not torch.nn.Linear or head.bias is not None or not hasattr(decoder, "layers"):
         return None
-    if not (_plain(lm) and _plain(head)):
+    if not unhooked(lm, head):
         return None
-    divisor = getattr(config, arch.logit_divisor_key) if arch.logit_divisor_key else 1.0
-    softcap = getattr(config, arch.logit_softcap_key, None) if arch.logit_softcap_key else None
-    return decoder, head.weight, divisor, softcap
+    return decoder, head.weight, *arch.logit_transforms(config)
 
 
-def _summed_nll(model, inputs: dict, targets: torch.Tensor) -> float:
+def _summed_nll(model, head, inputs: dict, targets: torch.Tensor) -> float:
     """``sum -log p(targets[b, p] | inputs up to p)`` over the targets that are not -100
-    (``targets [B, T]`` aligned with the input positions: position p predicts ``targets[:, p]``)."""
+    (``targets [B, T]`` aligned with the input positions: position p predicts ``targets[:, p]``);
+    ``head`` is :func:`_chunked_head`'s answer for ``model``."""
     from loraforge.kernels.cross_entropy import linear_cross_entropy
 
-    head = _chunked_head(model)
     if head is None:
         logits = model(**inputs).logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
@@ -120,12 +114,12 @@ def perplexity_text(model, ids: Sequence[int], window: int, stride: int,
         raise UserError("the text has fewer than 2 tokens; nothing to score")
     device = _device(model)
     tokens = torch.tensor(list(ids), dtype=torch.long, device=device)
-    nll, count = 0.0, 0
+    nll, count, head = 0.0, 0, _chunked_head(model)
     for begin, end, first in windows(len(ids), window, stride):
         # position p predicts token p + 1; score the targets first..end-1
         targets = torch.full((1, end - begin), -100, dtype=torch.long, device=device)
         targets[0, first - begin - 1:end - begin - 1] = tokens[first:end]
-        nll += _summed_nll(model, {"input_ids": tokens[None, begin:end]}, targets)
+        nll += _summed_nll(model, head, {"input_ids": tokens[None, begin:end]}, targets)
         count += end - first
         if on_window is not None:
             on_window(1)
@@ -140,13 +134,13 @@ def perplexity_responses(model, examples: Sequence[dict], pad_id: int, batch_siz
     from loraforge.data import collate
 
     device = _device(model)
-    nll, count = 0.0, 0
+    nll, count, head = 0.0, 0, _chunked_head(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
         labels = batch.pop("labels").to(device)
-        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts p + 1
-        nll += _summed_nll(model, {k: v.to(device) for k, v in batch.items()}, targets)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position p predicts p + 1
+        nll += _summed_nll(model, head, {k: v.to(device) for k, v in batch.items()}, targets)
         count += int((targets != -100).sum())
         if on_batch is not None:
             on_batch(len(batch["input_ids"]))

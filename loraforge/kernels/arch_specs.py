@@ -51,6 +51,12 @@ class ArchSpec:
     logit_divisor_key: str | None = None
     mlp_output_only_added: bool = True
 
+    def logit_transforms(self, config) -> tuple[float, float | None]:
+        """``(divisor, soft cap)`` of the head's logits under ``config`` (1.0 and None: none)."""
+        divisor = getattr(config, self.logit_divisor_key) if self.logit_divisor_key else 1.0
+        softcap = getattr(config, self.logit_softcap_key, None) if self.logit_softcap_key else None
+        return divisor, softcap
+
 
 SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("llama"),

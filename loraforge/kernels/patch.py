@@ -84,8 +84,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
-    divisor = getattr(self.config, arch.logit_divisor_key) if arch.logit_divisor_key else 1.0
-    softcap = getattr(self.config, arch.logit_softcap_key, None) if arch.logit_softcap_key else None
+    divisor, softcap = arch.logit_transforms(self.config)
     loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), reduction=reduction,
                                 ignore_index=ignore_index, divisor=divisor, softcap=softcap)
     if num_items is not None:
