@@ -1,7 +1,7 @@
-"""The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3, Phi-3) against
-transformers' ``generate`` and a full forward without cache: the same greedy tokens, logits equal
-to fp32 rounding at every step, the same seeded samples; left padding, grouped-query heads, 4-bit
-bases and adapters; and the cases it must hand back to ``generate``."""
+"""The lean decoding loop (``loraforge.infer.decode``; Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite,
+OLMo 2, Gemma 2 / 3) against transformers' ``generate`` and a full forward without cache: the same greedy
+tokens, logits equal to fp32 rounding at every step, the same seeded samples; left padding,
+grouped-query heads, 4-bit bases and adapters; and the cases it must hand back to ``generate``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # per-head q/k norms
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}),  # fused qkv, half the head turns
+    "granite": ("GraniteConfig", "GraniteForCausalLM",  # multipliers on the embeddings, branches, scores, logits
+                {"embedding_multiplier": 3.0, "residual_multiplier": 0.6, "attention_multiplier": 0.3,
+                 "logits_scaling": 2.5}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),  # norms on the branch outputs, q / k normed whole
+    # sandwich norms, (1 + w) norms, GeGLU, scaled embeddings, query_pre_attn_scalar, soft-capped logits
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               {"head_dim": 8, "query_pre_attn_scalar": 12, "attn_logit_softcapping": None,
+                "final_logit_softcapping": 5.0, "sliding_window": 64}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # + per-head q / k norms, a RoPE base per layer type
+                    {"head_dim": 8, "query_pre_attn_scalar": 12, "final_logit_softcapping": 5.0, "sliding_window": 64,
+                     "layer_types": ["sliding_attention", "full_attention"]}),
 }
 PROMPTS = [[5, 9, 17, 33, 4, 70], [8, 3], [41, 42, 43, 44, 45, 46, 47, 48, 49, 50]]
 
@@ -151,9 +162,11 @@ def test_what_the_lean_loop_hands_back_to_generate(monkeypatch):
     # prefix tuning feeds the layers through a forward hook
     prefixed = attach(_model("llama"), PrefixConfig(num_virtual_tokens=3))
     assert lean_base(prefixed, 64) is None
-    # another architecture
-    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**{**COMMON, "head_dim": 8})).eval()
-    assert lean_base(gemma, 64) is None
+    # Gemma 2's capped attention scores (its default), a window shorter than the run, another architecture
+    assert lean_base(_model("gemma2", attn_logit_softcapping=50.0), 64) is None
+    assert lean_base(_model("gemma3_text", sliding_window=8), 9) is None
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96)).eval()
+    assert lean_base(gpt2, 64) is None
     # training mode, and the reference switch
     assert lean_base(_model("llama").train(), 64) is None
     monkeypatch.setenv("LORAFORGE_KERNELS", "reference")

@@ -1,5 +1,5 @@
-"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3): the same
-modules, fewer operations around them.
+"""A lean decoding loop for the Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite, OLMo 2,
+Gemma 2 and 3): the same modules, fewer operations around them.
 
 At batch 1 a decoding step of a small model on a CPU spends more time in the framework around
 the layers than in the layers' arithmetic: transformers' ``generate`` rebuilds masks, cache
@@ -19,7 +19,20 @@ between the families is read off their :class:`~loraforge.kernels.arch_specs.Arc
 ``q`` and ``k`` first pass the per-head RMSNorms ``q_norm`` / ``k_norm`` (``qk_norm == "head"``);
 Phi-3's fused ``qkv_proj`` is split ``[q | k | v]`` and its RoPE turns only the first
 ``partial_rotary_factor`` of each head (as wide as the rotary tables); the sliding window is read
-where transformers reads it (``sliding_window``).
+where transformers reads it (``sliding_window``). Granite scales the embeddings by
+``embedding_multiplier``, each branch before its residual add by ``residual_multiplier`` and the
+logits by ``1 / logits_scaling`` (its attention's ``scaling`` is ``attention_multiplier``). OLMo 2
+normalises the whole ``q`` and ``k`` projections (``qk_norm == "all"``) and its layers norm each
+branch's output instead of its input (``norm_placement == "post"``):
+
+    h <- h + post_attention_layernorm(o_proj(attn(h))),  h <- h + post_feedforward_layernorm(mlp(h))
+
+Gemma 2 and 3 norm both (``"sandwich"``: ``input_layernorm`` before attention,
+``pre_feedforward_layernorm`` before the MLP), scale their embeddings inside their embedding
+module, soft-cap the logits (``cap * tanh(z / cap)``) and attend with ``scaling =
+query_pre_attn_scalar^-1/2``; Gemma 3's sliding and full layers each take their own RoPE tables.
+Gemma 2's capped attention scores (``attn_logit_softcapping``, on by default) are not what a fused
+attention computes, so such a model goes through ``generate``.
 Left padding works as in :mod:`loraforge.infer.generate`: positions are ``cumsum(mask) - 1`` and
 padded keys are masked. The token choice is transformers' own: the same ``GenerationConfig``, the
 same logits processors built from it (temperature, top-k, top-p), argmax or one
@@ -40,8 +53,9 @@ import torch.nn.functional as F
 
 from loraforge.kernels.arch_specs import spec_for
 
-LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma2", "gemma3_text")
+PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
+                  "Olmo2RMSNorm")
 
 
 def unhooked(*modules) -> bool:
@@ -75,7 +89,12 @@ def lean_base(model, total_length: int):
     bypassed = [base, decoder, *layers, *(layer.self_attn for layer in layers)]
     if not unhooked(*bypassed):
         return None
-    where = spec_for(config.model_type).sliding_window  # where transformers reads the window
+    spec = spec_for(config.model_type)
+    if spec.attn_softcap and getattr(config, "attn_logit_softcapping", None) is not None:
+        return None  # Gemma 2's capped attention scores: no fused attention computes them
+    if getattr(config, "use_bidirectional_attention", False):
+        return None
+    where = spec.sliding_window  # where transformers reads the window
     windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers] if where == "module" else []
     if where == "config":
         windows.append(getattr(config, "sliding_window", None))
@@ -105,10 +124,11 @@ class KVCache:
         return self.keys[i], self.values[i]
 
 
-def rope_tables(decoder, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(decoder, h: torch.Tensor, positions: torch.Tensor, *layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos`` and a signed ``sin`` (``[-sin_1 | sin_2]`` over the two halves of ``head_dim``),
-    (batch, 1, width, head_dim) each, from the model's own rotary embedding."""
-    cos, sin = decoder.rotary_emb(h, positions)
+    (batch, 1, width, head_dim) each, from the model's own rotary embedding (Gemma 3: the one
+    of ``layer_type``)."""
+    cos, sin = decoder.rotary_emb(h, positions, *layer_type)
     half = sin.shape[-1] // 2
     return cos.unsqueeze(1), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(1)
 
@@ -153,26 +173,36 @@ def attention_mask(cache: KVCache, width: int, end: int) -> torch.Tensor | None:
 def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run ``ids`` (batch, width) at ``positions`` through the decoder, appending their keys and
     values to ``cache``; the float32 logits of the last position, (batch, vocab)."""
-    decoder = base.model
+    decoder, config = base.model, base.config
+    spec = spec_for(config.model_type)
     batch, width = ids.shape
     start, end = cache.filled, cache.filled + width
-    h = decoder.embed_tokens(ids)
-    cos, sin = rope_tables(decoder, h, positions)
+    h = decoder.embed_tokens(ids)  # Gemma's embedding module scales by sqrt(hidden_size) itself
+    embedding_multiplier = getattr(config, "embedding_multiplier", None)  # Granite
+    if embedding_multiplier is not None:
+        h = h * embedding_multiplier
+    branch = _branch_scale(getattr(config, "residual_multiplier", None))  # Granite
+    if spec.rope_by_layer_type:
+        tables = {kind: rope_tables(decoder, h, positions, kind) for kind in set(config.layer_types)}
+        rope = [tables[kind] for kind in config.layer_types]
+    else:
+        rope = [rope_tables(decoder, h, positions)] * len(decoder.layers)
     mask = attention_mask(cache, width, end)
     causal = mask is None and width > 1
-    spec = spec_for(base.config.model_type)
-    qk_norm, fused_qkv = spec.qk_norm == "head", spec.qkv == ("qkv_proj",)
+    fused_qkv = spec.qkv == ("qkv_proj",)
     head_dim = decoder.layers[0].self_attn.head_dim
-    widths = [base.config.num_attention_heads * head_dim, *[base.config.num_key_value_heads * head_dim] * 2]
+    widths = [config.num_attention_heads * head_dim, *[config.num_key_value_heads * head_dim] * 2]
     for i, layer in enumerate(decoder.layers):
-        attn = layer.self_attn
-        n = norm(layer.input_layernorm, h)
+        attn, (cos, sin) = layer.self_attn, rope[i]
+        n = h if spec.norm_placement == "post" else norm(layer.input_layernorm, h)
         if fused_qkv:
             q, k, v = attn.qkv_proj(n).split(widths, dim=-1)
         else:
             q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
+        if spec.qk_norm == "all":
+            q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
         q, k, v = (t.view(batch, width, -1, head_dim) for t in (q, k, v))
-        if qk_norm:
+        if spec.qk_norm == "head":
             q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values = cache.layer(i, k)
@@ -181,10 +211,29 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
         o = F.scaled_dot_product_attention(rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end],
                                            attn_mask=mask, is_causal=causal, scale=attn.scaling,
                                            enable_gqa=keys.shape[1] != q.shape[1])
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, width, -1))
-        h = h + layer.mlp(norm(layer.post_attention_layernorm, h))
+        o = attn.o_proj(o.transpose(1, 2).reshape(batch, width, -1))
+        if spec.norm_placement == "pre":
+            h = h + branch(o)
+            h = h + branch(layer.mlp(norm(layer.post_attention_layernorm, h)))
+        else:  # the branch outputs are normed (and, in the sandwich, the MLP's input too)
+            h = h + norm(layer.post_attention_layernorm, o)
+            m = norm(layer.pre_feedforward_layernorm, h) if spec.norm_placement == "sandwich" else h
+            h = h + norm(layer.post_feedforward_layernorm, layer.mlp(m))
     cache.filled = end
-    return base.lm_head(norm(decoder.norm, h[:, -1:]))[:, -1].float()
+    logits = base.lm_head(norm(decoder.norm, h[:, -1:]))[:, -1]
+    divisor, softcap = spec.logit_transforms(config)  # Granite's logits_scaling, Gemma's final soft cap
+    if divisor != 1.0:
+        logits = logits / divisor
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+def _branch_scale(multiplier: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a branch's output is multiplied by before its residual add (Granite: ``t * m``)."""
+    if multiplier is None:
+        return lambda t: t
+    return lambda t: t * multiplier
 
 
 @torch.no_grad()

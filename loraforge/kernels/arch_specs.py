@@ -23,6 +23,13 @@ model; each field names the transformers behaviour it reproduces.
 - ``mlp_output_only_added``: the decoder layer only adds (a constant multiple of) the MLP
   output to its residual (not OLMo 2 / Gemma 2/3, whose post-feed-forward norm reads it), so a
   checkpoint re-run may skip the base ``down_proj`` (see ``lora_mlp``).
+- ``norm_placement`` (read by the lean decoding loop, ``loraforge.infer.decode``): where the
+  layer's RMSNorms sit, ``"pre"`` (``input_layernorm`` before attention,
+  ``post_attention_layernorm`` before the MLP), ``"post"`` (OLMo 2: ``post_attention_layernorm``
+  and ``post_feedforward_layernorm`` on the two branch outputs) or ``"sandwich"`` (Gemma 2/3: both,
+  with ``pre_feedforward_layernorm`` before the MLP).
+- ``rope_by_layer_type``: the rotary embedding takes the layer type (Gemma 3: sliding and full
+  attention layers turn at different bases, ``rotary_emb(x, positions, layer_type)``).
 
 What the decoder layer does around attention and MLP (post-norms, Granite's
 ``residual_multiplier`` and ``embedding_multiplier``, Gemma's scaled embeddings, Phi-3's residual
@@ -50,6 +57,8 @@ class ArchSpec:
     logit_softcap_key: str | None = None
     logit_divisor_key: str | None = None
     mlp_output_only_added: bool = True
+    norm_placement: str = "pre"
+    rope_by_layer_type: bool = False
 
     def logit_transforms(self, config) -> tuple[float, float | None]:
         """``(divisor, soft cap)`` of the head's logits under ``config`` (1.0 and None: none)."""
@@ -64,11 +73,12 @@ SPECS: dict[str, ArchSpec] = {s.model_type: s for s in (
     ArchSpec("qwen2", sliding_window="module"),
     ArchSpec("qwen3", qk_norm="head", sliding_window="module"),
     ArchSpec("gemma2", act_key="hidden_activation", norm="gemma", sliding_window="module", attn_softcap=True,
-             logit_softcap_key="final_logit_softcapping", mlp_output_only_added=False),
+             logit_softcap_key="final_logit_softcapping", mlp_output_only_added=False, norm_placement="sandwich"),
     ArchSpec("gemma3_text", qk_norm="head", act_key="hidden_activation", norm="gemma", sliding_window="module",
-             logit_softcap_key="final_logit_softcapping", mlp_output_only_added=False),
+             logit_softcap_key="final_logit_softcapping", mlp_output_only_added=False, norm_placement="sandwich",
+             rope_by_layer_type=True),
     ArchSpec("phi3", qkv=("qkv_proj",), gate_up=("gate_up_proj",), sliding_window="config"),
-    ArchSpec("olmo2", qk_norm="all", norm="olmo2", mlp_output_only_added=False),
+    ArchSpec("olmo2", qk_norm="all", norm="olmo2", mlp_output_only_added=False, norm_placement="post"),
     ArchSpec("granite", logit_divisor_key="logits_scaling"),
 )}
 
