@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -129,6 +130,23 @@ def test_twenty_concurrent_requests_all_answered_correctly(server):
     for name, (status, body) in results:
         assert status == 200, body
         assert body["choices"][0]["message"]["content"] == alone[name]
+
+
+def test_a_burst_of_connections_waits_to_be_accepted():
+    # nothing accepts yet: every connection of the burst must still complete its handshake (with the
+    # standard library's backlog of 5 the seventh times out, and under load clients see resets)
+    from loraforge.infer.serve import make_server
+
+    httpd = make_server(None, port=0)
+    burst = []
+    try:
+        for _ in range(64):
+            burst.append(socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=2))
+    finally:
+        for conn in burst:
+            conn.close()
+        httpd.server_close()
+    assert len(burst) == 64
 
 
 @pytest.mark.parametrize("case,status", [

@@ -10,8 +10,9 @@ settings (prompts are encoded by :mod:`loraforge.infer.prompts`, tokens come fro
 one given on the command line, else the adapter's training template, else the tokenizer's;
 ``/v1/completions`` sends the prompt as raw text.
 
-The HTTP side is the standard library's ``ThreadingHTTPServer``: one thread per connection,
-bounded bodies, a socket timeout, an optional bearer key, OpenAI-style JSON errors (4xx for the
+The HTTP side is the standard library's ``ThreadingHTTPServer``: one thread per connection, a
+listen backlog of ``socket.SOMAXCONN`` (the library's default of 5 drops, then resets, the
+connections of a burst of clients before they are accepted), bounded bodies, a socket timeout, an optional bearer key, OpenAI-style JSON errors (4xx for the
 caller's mistakes, 500 for anything else) and never an exception that stops the server.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,9 +136,12 @@ def make_server(models: ModelServer, host: str = "127.0.0.1", port: int = 8000, 
         pass
 
     Handler.models, Handler.api_key, Handler.limits, Handler.timeout = models, api_key, limits, limits.timeout_s
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), Handler)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = socket.SOMAXCONN  # a burst of clients waits to be accepted instead of being dropped
+    daemon_threads = True
 
 
 class _Handler(BaseHTTPRequestHandler):
