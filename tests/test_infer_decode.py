@@ -181,3 +181,24 @@ def test_bfloat16_model_decodes_as_generate():
     ids, mask = left_pad(PROMPTS, 0)
     got = lean_generate(lean_base(model, 64), ids, mask, settings.hf_config([], 0))
     assert torch.equal(got, _hf(model, PROMPTS, settings))
+
+
+@pytest.mark.skipif(__import__("loraforge.kernels.cpu_gemv", fromlist=["x"]).library() is None,
+                    reason="no C compiler: the CPU kernels cannot be built")
+def test_a_float32_head_is_read_by_the_small_row_kernel(monkeypatch):
+    """Each step's head (float32, at most a few rows) goes through ``linear_f32_cpu``; its logits
+    equal the head module's to fp32 rounding and the greedy tokens do not change."""
+    from loraforge.kernels import cpu_gemv
+
+    model = _model("llama")
+    calls = []
+    real = cpu_gemv.linear_f32_cpu
+    monkeypatch.setattr(cpu_gemv, "linear_f32_cpu", lambda x, w, b=None: calls.append(tuple(x.shape)) or real(x, w, b))
+    settings = GenerationSettings(max_new_tokens=5)
+    ids, mask = left_pad(PROMPTS, 0)
+    got = lean_generate(lean_base(model, ids.shape[1] + 5), ids, mask, settings.hf_config([], 0))
+    assert calls == [(3, 1, 32)] * 5  # the prefill's last position, then 4 steps; 3 rows each
+    assert torch.equal(got, _hf(model, PROMPTS, settings))
+    h = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_gemv.small_linear(model.lm_head, h), model.lm_head(h), rtol=1e-5, atol=1e-5)

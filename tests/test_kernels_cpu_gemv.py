@@ -190,3 +190,62 @@ def test_kept_kernel_arguments_follow_replaced_and_reloaded_buffers():
             setattr(a, name, getattr(c, name).clone())  # new tensors: new addresses
         torch.testing.assert_close(a(x), F.linear(x, c.dequantize(), a.bias), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(a(x), expected, atol=1e-2)
+
+
+# ----- the float32 small-row product (a decode step's head) ---------------------------------------
+
+@pytest.mark.parametrize("shape", [(1536, 576), (49, 96), (7, 70), (1, 8), (2, 3)])  # odd N, K % 8 != 0
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_float32_product_equals_linear_to_rounding(shape, rows, bias):
+    n, k = shape
+    torch.manual_seed(rows)
+    weight, x = torch.randn(n, k), torch.randn(rows, k)
+    b = torch.randn(n) if bias else None
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    out = cpu_gemv.linear_f32_cpu(x, weight, b)
+    bound = 1e-6 * (x.abs().double() @ weight.abs().double().T) + 1e-7
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
+def test_float32_product_of_a_batched_strided_input():
+    weight = torch.randn(40, 64)
+    x = torch.randn(2, 3, 128)[..., ::2]  # [2, 3, 64], last stride 2
+    out = cpu_gemv.linear_f32_cpu(x, weight)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 3, 40)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_gemv.linear_f32_cpu(x.double(), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_gemv.linear_f32_cpu(x, torch.randn(64, 40).t())
+
+
+def test_small_linear_takes_the_kernel_only_for_a_plain_float32_linear_without_grad(monkeypatch):
+    calls = []
+    real = cpu_gemv.linear_f32_cpu
+    monkeypatch.setattr(cpu_gemv, "linear_f32_cpu", lambda x, w, b=None: calls.append(x.shape) or real(x, w, b))
+    head = torch.nn.Linear(64, 300)
+    rows = cpu_gemv.F32_MAX_ROWS
+    with torch.no_grad():
+        x = torch.randn(2, rows // 2, 64)
+        torch.testing.assert_close(cpu_gemv.small_linear(head, x), head(x), rtol=1e-5, atol=1e-5)
+        more = torch.randn(rows + 1, 64)
+        assert torch.equal(cpu_gemv.small_linear(head, more), head(more))  # one row more: the module
+        cpu_gemv.small_linear(head.bfloat16(), torch.randn(1, 64).bfloat16())  # bfloat16: the module
+        head.float()
+        handle = head.register_forward_hook(lambda *a: None)
+        cpu_gemv.small_linear(head, torch.randn(1, 64))  # a hook: the module, so that it runs
+        handle.remove()
+    assert calls == [(2, rows // 2, 64)]
+    x = torch.randn(1, 64, requires_grad=True)
+    cpu_gemv.small_linear(head, x).sum().backward()  # a gradient is wanted: the module
+    assert calls == [(2, rows // 2, 64)] and x.grad is not None
+
+
+def test_small_linear_in_reference_mode_is_the_module(reference_kernels, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(cpu_gemv, "linear_f32_cpu", lambda *a: pytest.fail("kernel used"))
+    head = torch.nn.Linear(64, 30)
+    with torch.no_grad():
+        x = torch.randn(1, 64)
+        assert torch.equal(cpu_gemv.small_linear(head, x), head(x))

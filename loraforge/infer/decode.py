@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from loraforge.kernels.arch_specs import spec_for
+from loraforge.kernels.cpu_gemv import small_linear
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma2", "gemma3_text")
 PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
@@ -220,7 +221,7 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
             m = norm(layer.pre_feedforward_layernorm, h) if spec.norm_placement == "sandwich" else h
             h = h + norm(layer.post_feedforward_layernorm, layer.mlp(m))
     cache.filled = end
-    logits = base.lm_head(norm(decoder.norm, h[:, -1:]))[:, -1]
+    logits = small_linear(base.lm_head, norm(decoder.norm, h[:, -1:]))[:, -1]  # a float32 head: one read of it
     divisor, softcap = spec.logit_transforms(config)  # Granite's logits_scaling, Gemma's final soft cap
     if divisor != 1.0:
         logits = logits / divisor

@@ -12,6 +12,11 @@ is what the reference (:func:`~loraforge.kernels.gemv4bit.gemv_4bit_reference`: 
 :func:`dequantize_4bit_cpu` writes the reference's weight bits into a caller's buffer (the large-M
 path: one dequantization per call, then one GEMM).
 
+The same library holds the float32 case, :func:`linear_f32_cpu` (``y = x W^T + b`` for a few rows
+of ``x``): a decode step's head is a float32 ``[vocab, hidden]`` weight under QLoRA (SmolLM2's
+113 MB, a third of a 4-bit step's bytes), which MKL's GEMM reads 2x (one row) to 4x (four rows)
+slower than the kernel's single pass; :func:`small_linear` routes a plain ``nn.Linear`` there.
+
 Build: ``csrc/gemv4bit_cpu.c`` is compiled once per source, compiler and CPU with the system C
 compiler (``$CC``, else ``cc`` / ``gcc`` / ``clang``) at ``-O3 -march=native`` with OpenMP --
 the runtime torch itself loads, so the kernel's threads are torch's (``torch.set_num_threads``)
@@ -38,6 +43,10 @@ import torch
 from loraforge.kernels.dequant import Packed4bit
 from loraforge.kernels.dispatch import mode, notice
 
+# at most this many rows of x against a float32 weight go through lf_linear_f32 (MKL 2024 reads
+# SmolLM2's 49152 x 576 head slowly at few rows: at 2 threads, 15.0 / 35.3 / 59.9 ms at 1 / 4 / 32
+# rows against the kernel's 7.8 / 9.1 / 26.1; measured on the AVX2 VM, 2026-12-03)
+F32_MAX_ROWS = 32
 # above this many rows of x, dequantize once and use one GEMM: the kernel decodes each weight once
 # per 4 rows, so its cost grows with the rows while the GEMM's stays near its fixed dequantization;
 # a whole SmolLM2 prefill on 2 cores crossed over at ~48-64 rows with the AVX-512 path and ~40-48
@@ -101,7 +110,7 @@ def _build(cc: str, target: Path) -> str:
 def _load() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
-        notice("no C compiler found (set CC): 4-bit layers on CPU use the PyTorch reference (slower decode)")
+        notice("no C compiler found (set CC): 4-bit layers and a decode step's head on CPU use PyTorch (slower decode)")
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(),
@@ -121,6 +130,8 @@ def _load() -> ctypes.CDLL | None:
     lib.lf_gemv4.restype = ctypes.c_int
     lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
     lib.lf_dequant4.restype = None
+    lib.lf_linear_f32.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P]
+    lib.lf_linear_f32.restype = None
     return lib
 
 
@@ -200,3 +211,38 @@ def dequantize_4bit_cpu(w: Packed4bit, out: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.numel} values")
     library().lf_dequant4(w.numel, *args, _ptr(out))
     return out
+
+
+def linear_f32_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for float32 CPU ``x [..., K]`` and a contiguous float32 ``weight
+    [N, K]`` (nn.Linear's layout; no gradient): every pair of weight rows read once, meant for at
+    most :data:`F32_MAX_ROWS` rows of ``x`` (only the order of the sum differs from a BLAS)."""
+    n, k = weight.shape
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            raise ValueError(f"{name} must be a float32 CPU tensor")
+    if not weight.is_contiguous() or x.shape[-1] != k or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"expected a contiguous weight [N, K], x [..., {k}] and bias [{n}]")
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+    library().lf_linear_f32(weight.data_ptr(), _ptr(bias), n, k, x.data_ptr(), x.numel() // max(k, 1), k,
+                            y.data_ptr())
+    return y
+
+
+def small_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``: a plain float32 ``nn.Linear`` on the CPU, with at most :data:`F32_MAX_ROWS`
+    rows of float32 ``x`` and no gradient wanted, through :func:`linear_f32_cpu` (a decode step's
+    head); anything else (another module, a hook, ``LORAFORGE_KERNELS=reference``, no compiler)
+    through its own forward."""
+    weight = getattr(module, "weight", None)
+    if (type(module) is torch.nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"
+            and (module.bias is None or module.bias.dtype == torch.float32)
+            and 0 < x.numel() <= F32_MAX_ROWS * module.in_features and module.in_features > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+            and library() is not None):
+        return linear_f32_cpu(x, weight.detach(), None if module.bias is None else module.bias.detach())
+    return module(x)
