@@ -11,7 +11,7 @@ import transformers
 from helpers_infer import make_adapter
 
 from loraforge.adapters import attach
-from loraforge.infer.decode import KVCache, lean_base, lean_generate, step
+from loraforge.infer.decode import KVCache, causal_lm, lean_base, lean_generate, step
 from loraforge.infer.generate import GenerationSettings, generate_ids, left_pad
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
@@ -55,6 +55,8 @@ def _model(model_type: str, base: str = "plain", **overrides):
 
         quantize_model(model, quant_type="nf4", compute_dtype=torch.float32)
         model = make_adapter(model, base.split("+")[1])
+    elif base == "lora":  # a float32 base with an adapter: what chat / serve run by default
+        model = make_adapter(model, "lora")
     return model
 
 
@@ -65,7 +67,7 @@ def _hf(model, prompts, settings):
 
 
 @pytest.mark.parametrize("model_type", list(ARCHS))
-@pytest.mark.parametrize("base", ["plain", "nf4+lora", "nf4+dora"])
+@pytest.mark.parametrize("base", ["plain", "lora", "nf4+lora", "nf4+dora"])
 def test_greedy_tokens_equal_generate_batched_and_alone(model_type, base):
     model = _model(model_type, base)
     settings = GenerationSettings(max_new_tokens=12)
@@ -183,22 +185,41 @@ def test_bfloat16_model_decodes_as_generate():
     assert torch.equal(got, _hf(model, PROMPTS, settings))
 
 
+
 @pytest.mark.skipif(__import__("loraforge.kernels.cpu_gemv", fromlist=["x"]).library() is None,
                     reason="no C compiler: the CPU kernels cannot be built")
-def test_a_float32_head_is_read_by_the_small_row_kernel(monkeypatch):
-    """Each step's head (float32, at most a few rows) goes through ``linear_f32_cpu``; its logits
-    equal the head module's to fp32 rounding and the greedy tokens do not change."""
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])  # separate and fused q/k/v and gate/up
+@pytest.mark.parametrize("base", ["plain", "lora"])
+def test_float32_projections_and_head_are_read_by_the_small_row_kernel(model_type, base, monkeypatch):
+    """Every float32 projection (plain, or an adapter layer's base) and the head of every step go
+    through ``linear_f32_cpu``; the greedy tokens are ``generate``'s."""
     from loraforge.kernels import cpu_gemv
 
-    model = _model("llama")
+    model = _model(model_type, base)
     calls = []
     real = cpu_gemv.linear_f32_cpu
-    monkeypatch.setattr(cpu_gemv, "linear_f32_cpu", lambda x, w, b=None: calls.append(tuple(x.shape)) or real(x, w, b))
+    monkeypatch.setattr(cpu_gemv, "linear_f32_cpu", lambda x, w, b=None: calls.append(w.data_ptr()) or real(x, w, b))
     settings = GenerationSettings(max_new_tokens=5)
-    ids, mask = left_pad(PROMPTS, 0)
+    ids, mask = left_pad(PROMPTS, 0)  # 3 x 10 prompt rows: the prefill is within the row limit too
     got = lean_generate(lean_base(model, ids.shape[1] + 5), ids, mask, settings.hf_config([], 0))
-    assert calls == [(3, 1, 32)] * 5  # the prefill's last position, then 4 steps; 3 rows each
+    per_layer = 4 if model_type == "phi3" else 7  # qkv, o, gate_up, down / q, k, v, o, gate, up, down
+    assert len(calls) == 5 * (2 * per_layer + 1) and calls.count(causal_lm(model).lm_head.weight.data_ptr()) == 5
     assert torch.equal(got, _hf(model, PROMPTS, settings))
-    h = torch.randn(4, 1, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(cpu_gemv.small_linear(model.lm_head, h), model.lm_head(h), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_at_init_leaves_the_decoded_logits_bit_identical():
+    """A zero adapter (LoRA's B = 0) on a float32 base changes nothing, bit for bit: the loop
+    computes the base products of plain and adapted projections the same way."""
+    from loraforge.adapters import LoraConfig
+
+    plain = _model("llama")
+    adapted = attach(_model("llama"), LoraConfig(r=4, alpha=8, targets="all-linear"))
+    ids, mask = left_pad(PROMPTS, 0)
+    out = []
+    for model in (plain, adapted):
+        lean = lean_base(model, ids.shape[1] + 3)
+        cache = KVCache(lean, len(PROMPTS), ids.shape[1] + 3, mask.bool())
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            out.append(step(lean, ids, positions, cache))
+    assert torch.equal(out[0], out[1])

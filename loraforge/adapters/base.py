@@ -139,7 +139,12 @@ class AdapterLayer(nn.Module):
         return params
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        return self.add_adapters(x, self.base_layer(x, *args, **kwargs))
+
+    def add_adapters(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """This layer's output for input ``x``, given its base layer's output ``result`` (what
+        :meth:`forward` does after the base; a caller that computes the base product its own way,
+        such as the decoding loop, hands it in)."""
         if self.disabled or self.merged_adapters:
             return result
         out_dtype = result.dtype

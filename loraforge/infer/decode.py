@@ -39,6 +39,13 @@ same logits processors built from it (temperature, top-k, top-p), argmax or one
 ``torch.multinomial`` draw per step, finished rows padded with ``pad_id``; so greedy tokens equal
 ``generate``'s and the logits agree to floating-point rounding (tested, with and without adapters).
 
+The products of float32 ``nn.Linear`` weights -- plain projections, an adapter layer's base (its
+adapters then added by :meth:`~loraforge.adapters.base.AdapterLayer.add_adapters`) and the head
+-- go through :func:`~loraforge.kernels.cpu_gemv.small_linear` at a step's few rows (one read of
+each weight instead of MKL's slower small-row GEMM), so the gated MLP is written out here too
+(``down(act(gate(x)) * up(x))``, transformers' order); 4-bit bases run their own kernel inside
+their module. A hooked or patched MLP runs its own forward.
+
 A model that is anything else (another architecture, a sliding window shorter than the run,
 forward hooks such as prefix tuning's, a patched attention or layer forward) goes through
 ``generate``; ``LORAFORGE_KERNELS=reference`` forces that path too.
@@ -51,6 +58,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from loraforge.adapters.base import AdapterLayer
 from loraforge.kernels.arch_specs import spec_for
 from loraforge.kernels.cpu_gemv import small_linear
 
@@ -197,9 +205,9 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
         attn, (cos, sin) = layer.self_attn, rope[i]
         n = h if spec.norm_placement == "post" else norm(layer.input_layernorm, h)
         if fused_qkv:
-            q, k, v = attn.qkv_proj(n).split(widths, dim=-1)
+            q, k, v = project(attn.qkv_proj, n).split(widths, dim=-1)
         else:
-            q, k, v = attn.q_proj(n), attn.k_proj(n), attn.v_proj(n)
+            q, k, v = project(attn.q_proj, n), project(attn.k_proj, n), project(attn.v_proj, n)
         if spec.qk_norm == "all":
             q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
         q, k, v = (t.view(batch, width, -1, head_dim) for t in (q, k, v))
@@ -212,14 +220,14 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
         o = F.scaled_dot_product_attention(rotate(q, cos, sin), keys[:, :, :end], values[:, :, :end],
                                            attn_mask=mask, is_causal=causal, scale=attn.scaling,
                                            enable_gqa=keys.shape[1] != q.shape[1])
-        o = attn.o_proj(o.transpose(1, 2).reshape(batch, width, -1))
+        o = project(attn.o_proj, o.transpose(1, 2).reshape(batch, width, -1))
         if spec.norm_placement == "pre":
             h = h + branch(o)
-            h = h + branch(layer.mlp(norm(layer.post_attention_layernorm, h)))
+            h = h + branch(mlp(layer.mlp, norm(layer.post_attention_layernorm, h)))
         else:  # the branch outputs are normed (and, in the sandwich, the MLP's input too)
             h = h + norm(layer.post_attention_layernorm, o)
             m = norm(layer.pre_feedforward_layernorm, h) if spec.norm_placement == "sandwich" else h
-            h = h + norm(layer.post_feedforward_layernorm, layer.mlp(m))
+            h = h + norm(layer.post_feedforward_layernorm, mlp(layer.mlp, m))
     cache.filled = end
     logits = small_linear(base.lm_head, norm(decoder.norm, h[:, -1:]))[:, -1]  # a float32 head: one read of it
     divisor, softcap = spec.logit_transforms(config)  # Granite's logits_scaling, Gemma's final soft cap
@@ -228,6 +236,32 @@ def step(base, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> to
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.float()
+
+
+def project(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a projection, the product of a float32 ``nn.Linear`` (plain, or the base of
+    an unhooked adapter layer) at a step's few rows through :func:`small_linear` (one read of the
+    weight; a 4-bit base runs its own kernel)."""
+    if isinstance(module, AdapterLayer) and unhooked(module):
+        return module.add_adapters(x, small_linear(module.base_layer, x))
+    return small_linear(module, x)
+
+
+def mlp(module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP ``down(act(gate(x)) * up(x))`` (Phi-3: ``[gate | up] = gate_up(x)``) as
+    transformers computes it, its projections through :func:`project`; an MLP of another shape,
+    or a hooked or patched one, through its own forward."""
+    act = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)  # Phi-3's name
+    down = getattr(module, "down_proj", None)
+    if act is None or down is None or not unhooked(module):
+        return module(x)
+    if hasattr(module, "gate_up_proj"):
+        gate, up = project(module.gate_up_proj, x).chunk(2, dim=-1)
+    elif hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+        gate, up = project(module.gate_proj, x), project(module.up_proj, x)
+    else:
+        return module(x)
+    return project(down, act(gate) * up)
 
 
 def _branch_scale(multiplier: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
