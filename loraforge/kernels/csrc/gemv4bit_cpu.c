@@ -26,6 +26,19 @@
 #include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
+
+/* 8-wide helpers of the AVX2 paths (the 4-bit one on AVX2-only CPUs, the float32 one everywhere) */
+#if defined(__FMA__)
+#define MADD256(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define MADD256(a, b, c) _mm256_add_ps(c, _mm256_mul_ps(a, b))
+#endif
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
 #endif
 
 typedef struct {
@@ -140,17 +153,6 @@ static void split_chunks(const float *x, int64_t M, int64_t ldx, int64_t K, floa
                 }
 }
 
-#if defined(__FMA__)
-#define MADD256(a, b, c) _mm256_fmadd_ps(a, b, c)
-#else
-#define MADD256(a, b, c) _mm256_add_ps(c, _mm256_mul_ps(a, b))
-#endif
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
 
 /* The 32 weights of 16 packed bytes times their block's scale, in the order split_chunks gives x:
  * wv[i] = weights c + 8i + 2t (t = 0..3, low lane) and c + 8i + 2t + 1 (high lane). */
@@ -199,7 +201,7 @@ static inline __attribute__((always_inline)) void row_vec(const weight4 *w, cons
     for (int m = 0; m < MT; ++m) {
         __m256 s = acc[m][0];
         for (int j = 1; j < NC; ++j) s = _mm256_add_ps(s, acc[m][j]);
-        out[m] = hsum(s);
+        out[m] = hsum8(s);
     }
 }
 #endif
@@ -252,19 +254,6 @@ int lf_gemv4(const weight4_desc *d, const float *x, int64_t M, int64_t ldx, floa
  * W rows is read once, from memory, and stays in L1 while every row of x passes it: two W rows
  * times up to four x rows of fused multiply-adds per step (8 independent sums), 8 floats wide.
  * Only the order of the sum differs from a BLAS. */
-#if defined(__AVX2__)
-#if defined(__FMA__)
-#define F32_MADD(a, b, c) _mm256_fmadd_ps(a, b, c)
-#else
-#define F32_MADD(a, b, c) _mm256_add_ps(c, _mm256_mul_ps(a, b))
-#endif
-static inline float f32_hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 /* out[r][m] = W row r (of RT <= 2, stride K) . x row m (of MT <= 4, stride ldx) */
 static inline __attribute__((always_inline)) void f32_tile(const float *w, int RT, int64_t K, const float *x,
@@ -281,11 +270,11 @@ static inline __attribute__((always_inline)) void f32_tile(const float *w, int R
         for (int r = 0; r < RT; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
         for (int m = 0; m < MT; ++m) {
             __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-            for (int r = 0; r < RT; ++r) acc[r][m] = F32_MADD(wv[r], xv, acc[r][m]);
+            for (int r = 0; r < RT; ++r) acc[r][m] = MADD256(wv[r], xv, acc[r][m]);
         }
     }
     for (int r = 0; r < RT; ++r)
-        for (int m = 0; m < MT; ++m) out[r][m] = f32_hsum(acc[r][m]);
+        for (int m = 0; m < MT; ++m) out[r][m] = hsum8(acc[r][m]);
 #endif
     for (; k < K; ++k)
         for (int r = 0; r < RT; ++r)
