@@ -61,16 +61,11 @@ import torch.nn.functional as F
 from loraforge.adapters.base import AdapterLayer
 from loraforge.kernels.arch_specs import spec_for
 from loraforge.kernels.cpu_gemv import small_linear
+from loraforge.kernels.dispatch import unhooked
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "gemma2", "gemma3_text")
 PLAIN_RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "GraniteRMSNorm",
                   "Olmo2RMSNorm")
-
-
-def unhooked(*modules) -> bool:
-    """No forward hooks and no instance-patched ``forward`` on any of ``modules`` (what a path
-    that calls around them needs)."""
-    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
 
 
 def causal_lm(model):

@@ -76,8 +76,9 @@ def _chunked_head(model):
     decoder's hidden states and the chunked loss exactly as from ``model(...).logits`` (a known
     architecture; the causal LM and its head unhooked and unpatched; a bias-free linear head),
     else None."""
-    from loraforge.infer.decode import causal_lm, unhooked
+    from loraforge.infer.decode import causal_lm
     from loraforge.kernels.arch_specs import spec_for
+    from loraforge.kernels.dispatch import unhooked
 
     lm = causal_lm(model)
     config = getattr(lm, "config", None)

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from loraforge.kernels.dequant import Packed4bit
-from loraforge.kernels.dispatch import mode, notice
+from loraforge.kernels.dispatch import mode, notice, unhooked
 
 # at most this many rows of x against a float32 weight go through lf_linear_f32 (MKL 2024 reads
 # SmolLM2's 49152 x 576 head slowly at few rows: at 2 threads, 15.0 / 35.3 / 59.9 ms at 1 / 4 / 32
@@ -110,7 +110,7 @@ def _build(cc: str, target: Path) -> str:
 def _load() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
-        notice("no C compiler found (set CC): 4-bit layers and a decode step's head on CPU use PyTorch (slower decode)")
+        notice("no C compiler found (set CC): 4-bit layers and a decode step's float32 products on CPU use PyTorch (slower decode)")
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(),
@@ -234,15 +234,14 @@ def linear_f32_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def small_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``: a plain float32 ``nn.Linear`` on the CPU, with at most :data:`F32_MAX_ROWS`
     rows of float32 ``x`` and no gradient wanted, through :func:`linear_f32_cpu` (a decode step's
-    head); anything else (another module, a hook, ``LORAFORGE_KERNELS=reference``, no compiler)
+    projections and head); anything else (another module, a hook, ``LORAFORGE_KERNELS=reference``, no compiler)
     through its own forward."""
     weight = getattr(module, "weight", None)
     if (type(module) is torch.nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and weight.is_contiguous() and x.dtype == torch.float32 and x.device.type == "cpu"
             and (module.bias is None or module.bias.dtype == torch.float32)
-            and 0 < x.numel() <= F32_MAX_ROWS * module.in_features and module.in_features > 0
+            and 0 < x.numel() <= F32_MAX_ROWS * module.in_features
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
-            and library() is not None):
+            and unhooked(module) and library() is not None):
         return linear_f32_cpu(x, weight.detach(), None if module.bias is None else module.bias.detach())
     return module(x)

@@ -11,6 +11,7 @@ call which one runs:
   kernel is first launched, see :mod:`loraforge.kernels.jit`).
 
 :func:`notice` prints a one-line message once per distinct text (fallbacks say why they happen).
+:func:`unhooked` says whether a path may call around modules (their own kernel, a written-out forward).
 """
 
 from __future__ import annotations
@@ -64,3 +65,9 @@ def notice(message: str) -> None:
     if message not in _SEEN:
         _SEEN.add(message)
         print(f"loraforge.kernels: {message}", file=sys.stderr)
+
+
+def unhooked(*modules: torch.nn.Module) -> bool:
+    """No forward hooks and no instance-patched ``forward`` on any of ``modules`` (what a path
+    that calls around them needs)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)

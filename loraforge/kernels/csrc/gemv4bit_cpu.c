@@ -1,6 +1,6 @@
 /* 4-bit (NF4 / FP4, bitsandbytes layout) CPU kernels: y = x W^T for a few rows of x, and W
  * dequantized into a caller's float32 buffer; and y = x W^T for a few rows of x against a float32
- * W (lf_linear_f32, a decode step's head). See loraforge/kernels/cpu_gemv.py.
+ * W (lf_linear_f32, a decode step's projections and head). See loraforge/kernels/cpu_gemv.py.
  *
  * W [N, K] is flattened row-major; element e has code (packed[e/2] >> 4) for even e and
  * (packed[e/2] & 15) for odd e, and scale s_b of block b = e / blocksize:
