@@ -13,6 +13,7 @@ from helpers_infer import make_adapter
 from loraforge.adapters import attach
 from loraforge.infer.decode import KVCache, causal_lm, lean_base, lean_generate, step
 from loraforge.infer.generate import GenerationSettings, generate_ids, left_pad
+from loraforge.kernels import cpu_gemv
 
 pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
@@ -185,16 +186,12 @@ def test_bfloat16_model_decodes_as_generate():
     assert torch.equal(got, _hf(model, PROMPTS, settings))
 
 
-
-@pytest.mark.skipif(__import__("loraforge.kernels.cpu_gemv", fromlist=["x"]).library() is None,
-                    reason="no C compiler: the CPU kernels cannot be built")
+@pytest.mark.skipif(cpu_gemv.library() is None, reason="no C compiler: the CPU kernels cannot be built")
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])  # separate and fused q/k/v and gate/up
 @pytest.mark.parametrize("base", ["plain", "lora"])
 def test_float32_projections_and_head_are_read_by_the_small_row_kernel(model_type, base, monkeypatch):
     """Every float32 projection (plain, or an adapter layer's base) and the head of every step go
     through ``linear_f32_cpu``; the greedy tokens are ``generate``'s."""
-    from loraforge.kernels import cpu_gemv
-
     model = _model(model_type, base)
     calls = []
     real = cpu_gemv.linear_f32_cpu
