@@ -50,6 +50,7 @@ def test_dry_run_marks_exactly_the_trained_tokens(tmp_path, monkeypatch, fmt, sm
 
     assert f"format {fmt} (auto-detected)" in text and "dry run: nothing was trained or written" in text
     assert "steps: 1 optimizer steps" in text  # 1 epoch of <= 4 examples at batch size 4
+    assert "precision: bf16 autocast" in text or "precision: fp32   (auto: " in text  # train.dtype: auto, decided
     assert not (tmp_path / "run").exists()
     tokenizer = loraforge.models.load_tokenizer_for(config.model)
     body = text[text.index("example 1:"):]

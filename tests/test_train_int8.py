@@ -18,7 +18,9 @@ from loraforge.cli import main
 from loraforge.errors import UserError
 from loraforge.models import load_model
 from loraforge.quant.int8_rowwise import Int8Linear
+from loraforge.train.build import load_base
 from loraforge.train.config import load_config
+from loraforge.train.precision import decide_precision
 
 
 @pytest.fixture(autouse=True)
@@ -204,8 +206,8 @@ def test_dry_run_estimates_the_base_weights_as_loading_would_hold_them(tmp_path,
     printed = capsys.readouterr().out.replace("\n", " ")
     config = load_config(cfg)
     q = config.quantization
-    loaded, _ = (load_model(base) if q is None else
-                 load_model(base, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant))
+    precision = decide_precision(config.train.dtype, torch.device("cpu"))  # as the run would load it
+    loaded, _ = load_base(config, device=None, dtype=precision.base_dtype(trains_base=False))
     assert f"base weights (estimated from the model config, none loaded): {describe_memory(loaded)}" in printed
     if q is not None and q.type == "llm_int8":
         assert "in 8-bit layers at 8." in printed

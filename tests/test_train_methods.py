@@ -145,7 +145,8 @@ def test_adalora_step_gradient_is_token_mean_loss_plus_weighted_regulariser_once
 
     monkeypatch.setattr(loop, "clip_gradients", clip)
     cfg = config(tmp_path, "grad", "adapter.method=adalora", "adapter.adalora.init_r=4", "adapter.adalora.target_r=2",
-                 "train.steps=3", "train.batch_size=2", "train.grad_accum=2", "train.max_grad_norm=0")
+                 "train.steps=3", "train.batch_size=2", "train.grad_accum=2", "train.max_grad_norm=0",
+                 "train.dtype=fp32")
     from loraforge.data import build_dataset, load_records
 
     examples, _ = build_dataset(load_records(cfg.data.train), tokenizer, format="segments", max_length=512)

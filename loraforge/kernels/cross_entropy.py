@@ -185,10 +185,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     when given) against ``labels`` without full logits.
 
     ``hidden [..., H]``, ``labels [...]`` (already shifted for causal LM), ``weight [V, H]``;
-    ``reduction`` is ``"mean"`` (over trained tokens) or ``"sum"``."""
+    ``reduction`` is ``"mean"`` (over trained tokens) or ``"sum"``. Under autocast the head's
+    matmuls run in the autocast dtype, as ``lm_head``'s would (the loss itself in float32)."""
     check_choice(reduction, ("mean", "sum"), "reduction", where="linear_cross_entropy")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_size or default_chunk(weight.shape[0])
-    return LinearCrossEntropyFunction.apply(h2, weight, labels.reshape(-1).to(h2.device), reduction, ignore_index, chunk,
-                                            float(divisor), None if softcap is None else float(softcap))
+    device_type = h2.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        h2, weight = h2.to(dtype), weight.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return LinearCrossEntropyFunction.apply(h2, weight, labels.reshape(-1).to(h2.device), reduction, ignore_index,
+                                                chunk, float(divisor), None if softcap is None else float(softcap))
 

@@ -84,21 +84,24 @@ def load_model(
             model.to(device)
         set_provenance(model, source, path)
         return model.eval(), tokenizer
+    load_dtype = None if quantize is not None else dtype  # quantize the checkpoint's own values
     if fmt == "gguf":
         from loraforge.models.gguf import cached_gguf_folder
 
-        model, tokenizer = load_hf_folder(cached_gguf_folder(path), dtype or torch.float32)
+        model, tokenizer = load_hf_folder(cached_gguf_folder(path), load_dtype or torch.float32)
     else:
         if quantize is not None:
             check_quantizable(read_config_json(path)["model_type"], where=str(path / "config.json"))
-        model, tokenizer = load_hf_folder(path, dtype)
+        model, tokenizer = load_hf_folder(path, load_dtype)
     if device is not None:
         model.to(device)
     if quantize is not None:
-        from loraforge.quant.replace import quantize_model
+        from loraforge.quant.replace import cast_unquantized, quantize_model
 
         quantize_model(model, quant_type=quantize, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype,
                        threshold=DEFAULT_THRESHOLD if llm_int8_threshold is None else llm_int8_threshold)
+        if dtype is not None:
+            cast_unquantized(model, dtype)
     set_provenance(model, source, path)
     return model.eval(), tokenizer
 

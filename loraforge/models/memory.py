@@ -168,11 +168,12 @@ def estimated_memory_stats(model_config, dtype, quantization: dict | None = None
     return stats
 
 
-def estimate_base_memory(source, quantization: dict | None) -> str:
-    """One line for ``train --dry-run``: the base's weight memory once loaded (and quantized per
-    ``quantization``), from its config alone (:func:`estimated_memory_stats`); a checkpoint that
-    is already quantized loads as stored, so its files' size is the figure; a GGUF file not yet
-    converted has no config to read (its metadata would take a full parse)."""
+def estimate_base_memory(source, quantization: dict | None, dtype=None) -> str:
+    """One line for ``train --dry-run``: the base's weight memory once loaded in ``dtype`` (None:
+    the checkpoint's) and quantized per ``quantization``, from its config alone
+    (:func:`estimated_memory_stats`); a checkpoint that is already quantized loads as stored, so
+    its files' size is the figure; a GGUF file not yet converted has no config to read (its
+    metadata would take a full parse)."""
     import torch
     from transformers import AutoConfig
 
@@ -185,11 +186,11 @@ def estimate_base_memory(source, quantization: dict | None) -> str:
     if fmt in ("bnb-4bit", "bnb-8bit", "kbit"):
         stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return f"{_size(stored)} of {fmt} weights, loaded as stored"
-    folder, dtype = path, None
+    folder = path
     if fmt == "gguf":
         from loraforge.models.gguf import gguf_cache_entry
 
-        folder, dtype = gguf_cache_entry(path), torch.float32
+        folder, dtype = gguf_cache_entry(path), dtype or torch.float32
         if not (folder / "config.json").is_file():
             return "not estimated (the GGUF file is converted on the first load; its config is read then)"
     with quiet_transformers():

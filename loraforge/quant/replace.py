@@ -59,3 +59,16 @@ def quantize_model(
         setattr(parent, child, quantize(linear))
         linear.weight = None  # drop the full-precision copy now, not at the end
     return model
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating-point parameters left unquantized (embeddings, norms, the head) to
+    ``dtype``; the 4-bit / 8-bit layers' codes and scales, and buffers such as rotary
+    frequencies, keep theirs (so the codes do not depend on the compute dtype)."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, Int8Linear)):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import UserError
 from loraforge.train.config import (
@@ -25,6 +25,9 @@ from loraforge.train.config import (
     resolved_alpha,
     resolved_rank,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 # --------------------------------------------------------------------------- adapters
@@ -185,17 +188,21 @@ def attach_adapter(model, config: Config, echo: Callable[[str], None] | None = N
 
 
 # --------------------------------------------------------------------------- model
-def load_base(config: Config, device: str | None):
+def load_base(config: Config, device: str | None, dtype: torch.dtype | None = None):
     """(model, tokenizer): the base model, quantized per ``config.quantization`` (full precision
-    with ``init: loftq``, which quantizes it when the adapter is attached)."""
+    with ``init: loftq``, which quantizes it when the adapter is attached). ``dtype``: the dtype
+    of its unquantized weights and of the 4-bit matmuls (None: the checkpoint's; see
+    :class:`~loraforge.train.precision.Precision`); LoftQ's base stays full precision."""
     from loraforge import models
 
     q = config.quantization
-    if q is None or config.adapter.init == "loftq":
+    if config.adapter.init == "loftq":
         return models.load_model(config.model, device=device)
+    if q is None:
+        return models.load_model(config.model, compute_dtype=dtype, device=device)
     return models.load_model(
         config.model, quantize=q.type, blocksize=q.blocksize, double_quant=q.double_quant,
-        compute_dtype=None, device=device, llm_int8_threshold=q.llm_int8_threshold,
+        compute_dtype=dtype, device=device, llm_int8_threshold=q.llm_int8_threshold,
     )
 
 

@@ -17,7 +17,7 @@ Schema (public names, see ``shared/design/interface.md``)::
     # (nf2 -> NF2) unless adapter.loftq.bits / quantizer say otherwise (they must agree)
     data: {train, eval, eval_fraction, eval_choice, format, template, max_length, train_on_prompt, packing}
     train: {steps | epochs, batch_size, grad_accum, lr, schedule, warmup_steps, optimizer,
-            max_grad_norm, weight_decay, seed, gradient_checkpointing, kernels, eval_every,
+            max_grad_norm, weight_decay, seed, gradient_checkpointing, dtype, kernels, eval_every,
             save_every, keep_last, distributed}   # distributed: ddp | fsdp (torchrun, > 1 process)
     output_dir: runs/demo
     resume: false
@@ -46,6 +46,7 @@ from loraforge.errors import UserError, check_choice, did_you_mean
 METHODS = ("lora", "dora", "vera", "adalora", "sora", "bottleneck", "prefix", "full")
 INITS = ("default", "gaussian", "pissa", "loftq")
 SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")  # train.dtype (loraforge/train/precision.py)
 
 
 # --------------------------------------------------------------------------- schema
@@ -161,6 +162,7 @@ class TrainSection:
     weight_decay: float = 0.0
     seed: int = 0
     gradient_checkpointing: Union[bool, str] = "auto"  # auto: on when activations would not fit (train/checkpointing.py)
+    dtype: str = "auto"  # auto | bf16 | fp32: bf16 autocast where the device multiplies bf16 natively (train/precision.py)
     kernels: bool = True  # fused kernels (model types of loraforge.kernels.arch_specs), false: transformers' forward
     eval_every: int = 50
     save_every: int = 50
@@ -630,6 +632,7 @@ def _check_config(c: Config, where: _Where) -> None:
         value = t.gradient_checkpointing
         need(value == "auto", "train.gradient_checkpointing",
              f"expected true, false or auto, got {value!r}{did_you_mean(value, ['auto'])}")
+    choice(t.dtype, PRECISIONS, "train.dtype", "dtype")
     if t.distributed is not None:
         from loraforge.train.distributed import FSDP_METHODS, FSDP_REFUSALS, MODES
 

@@ -21,7 +21,9 @@ from rich.text import Text
 from loraforge.train import build
 from loraforge.train.batches import total_steps
 from loraforge.train.config import Config, dump_yaml
+from loraforge.train.distributed import World, device_of
 from loraforge.train.outputs import check_output_dir
+from loraforge.train.precision import decide_precision
 
 IGNORE = -100
 OPEN, CLOSE = "[[", "]]"
@@ -61,7 +63,10 @@ def dry_run(config: Config, *, show: int = 3, console: Console | None = None) ->
     console.print(f"steps: {steps} optimizer steps of {t.batch_size} x {t.grad_accum} "
                   f"{'rows' if config.data.packing else 'examples'}", markup=False)
     quantization = None if config.quantization is None else dataclasses.asdict(config.quantization)
-    weights = models.estimate_base_memory(config.model, quantization)
+    precision = decide_precision(t.dtype, device_of(World()))
+    console.print(f"precision: {precision.describe()}", markup=False)
+    weights = models.estimate_base_memory(config.model, quantization,
+                                          precision.base_dtype(trains_base=config.adapter.method == "full"))
     console.print(f"base weights (estimated from the model config, none loaded): {weights}", markup=False)
     n = min(show, len(train_set))
     mark = "reverse video" if console.is_terminal else f"{OPEN}...{CLOSE}"

@@ -40,7 +40,6 @@ same step boundary (the stop flag is summed over the ranks each step).
 
 from __future__ import annotations
 
-import contextlib
 import random
 import signal
 import time
@@ -72,6 +71,7 @@ from loraforge.train.outputs import check_output_dir, clear_previous_run, create
 from loraforge.train.optimizers import build_optimizer
 from loraforge.train.schedule import build_scheduler
 from loraforge.train.checkpointing import decide_checkpointing
+from loraforge.train.precision import Precision, decide_precision
 from loraforge.train.summary import banner_rows, finish, world_rows
 
 IGNORE = -100
@@ -96,7 +96,7 @@ class Run:
     config: Config
     world: World
     device: torch.device
-    amp: contextlib.AbstractContextManager
+    precision: Precision  # train.dtype, decided for this device
     model: torch.nn.Module  # the AdapterModel (sharded in place under FSDP)
     engine: torch.nn.Module  # what forward and backward run through: model, or DDP(model)
     tokenizer: object
@@ -112,6 +112,11 @@ class Run:
     pad_id: int
     log: RunLog | SilentLog
     result: TrainResult
+
+    @property
+    def amp(self):
+        """The context every forward of the run (training, evaluation) runs in."""
+        return self.precision.autocast(self.device)
 
 
 def train(config: Config, *, on_start: Callable | None = None, console=None) -> TrainResult:
@@ -149,7 +154,9 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     t = config.train
     seed_everything(t.seed)  # the same on every rank: the same adapter initialisation
     device = distributed.device_of(world)
-    model, tokenizer = build.load_base(config, device=str(device))
+    precision = decide_precision(t.dtype, device)
+    model, tokenizer = build.load_base(config, device=str(device),
+                                       dtype=precision.base_dtype(trains_base=config.adapter.method == "full"))
     train_records, eval_records, choice_items = records
     train_set, train_stats = build.tokenize(train_records, tokenizer, config, source=str(config.data.train))
     eval_set = []
@@ -162,7 +169,7 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
         apply_kernels(adapter_model)  # fused LoRA blocks, norms and the chunked loss; notices where not
     longest = max((len(e["input_ids"]) for e in train_set), default=0)
     checkpointing = decide_checkpointing(t.gradient_checkpointing, getattr(model, "config", None), device,
-                                         t.batch_size * longest, 2 if device.type == "cuda" else 4)
+                                         t.batch_size * longest, precision.activation_bytes)
     if checkpointing.on:
         enable_gradient_checkpointing(adapter_model)
     if not any(p.requires_grad for p in adapter_model.parameters()):
@@ -193,7 +200,7 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     log = (RunLog(output_dir, total_steps=n_steps, start_step=position.step, console=console)
            if world.is_main else SilentLog())
     shards = base_shards(world, adapter_model)
-    log.banner(banner_rows(config, adapter_model, device, compute_dtype_name(device), train_set, eval_set, n_steps,
+    log.banner(banner_rows(config, adapter_model, device, precision.describe(), train_set, eval_set, n_steps,
                            optimizer, world_size=world.size) + world_rows(world, shards)
                + [("checkpointing", checkpointing.describe())])
     if shards is not None and resume_from is None:
@@ -208,7 +215,7 @@ def setup(config: Config, world: World, records: tuple[list[dict], list[dict]], 
     elif config.resume:
         log.note(f"resume: no checkpoint in {output_dir / 'checkpoints'}; starting from step 0")
     result = TrainResult(adapter_model, tokenizer, output_dir, steps=position.step)
-    return Run(config=config, world=world, device=device, amp=autocast_context(device), model=adapter_model,
+    return Run(config=config, world=world, device=device, precision=precision, model=adapter_model,
                engine=engine, tokenizer=tokenizer, train_set=train_set, eval_set=eval_set, choice_items=choice_items, params=params,
                optimizer=optimizer, scheduler=scheduler, hooks=hooks, sampler=sampler, n_steps=n_steps,
                pad_id=pad_token_id(tokenizer), log=log, result=result)
@@ -255,7 +262,7 @@ def train_step(run: Run) -> int:
     indices = run.sampler.next_step()
     step = run.sampler.position.step
     examples = [[run.train_set[i] for i in idx] or [filler(run.train_set[0])] for idx in indices]
-    micro_batches = [collate(ex, run.pad_id, run.device) for ex in examples]
+    micro_batches = [collate(ex, run.pad_id, run.device, run.precision.mask_dtype) for ex in examples]
     lr = run.scheduler.get_last_lr()[0]
     method_logs = {}
     extra = run.hooks.extra_loss()  # once per optimizer step, already weighted
@@ -290,7 +297,7 @@ def evaluate_run(run: Run, step: int) -> None:
     """Eval loss on ``data.eval`` and choice accuracy on ``data.eval_choice``, whichever are given."""
     if run.eval_set:
         run.result.eval_loss = evaluate(run.model, run.eval_set, run.config.train.batch_size, run.pad_id, run.device,
-                                        run.amp, run.log, step, world=run.world)
+                                        run.precision, run.log, step, world=run.world)
     if run.choice_items:
         run.result.choice_accuracy = evaluate_choice(run, step)
 
@@ -389,7 +396,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, amp, log: RunLog, step: int,
+def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, precision: Precision, log: RunLog, step: int,
              *, world: World = World()) -> float:
     """Mean loss per trained token over ``examples`` (logged with its perplexity). With several
     ranks batch i runs on rank i mod W (each rank the same number of forwards, with fillers) and
@@ -402,8 +409,8 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, device, 
     for r in range(rounds):
         i = r * world.size + world.rank
         chunk = examples[starts[i] : starts[i] + batch_size] if i < len(starts) else [filler(examples[0])]
-        batch = collate(chunk, pad_id, device)
-        with amp:
+        batch = collate(chunk, pad_id, device, precision.mask_dtype)
+        with precision.autocast(device):
             total += token_loss_sum(model, batch).item()
         count += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train(was_training)
@@ -418,17 +425,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on a CUDA device that supports it; full fp32 otherwise."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def compute_dtype_name(device: torch.device) -> str:
-    return "bf16 autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def enable_gradient_checkpointing(adapter_model) -> None:
@@ -447,11 +443,10 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def collate(examples: list[dict], pad_id: int, device) -> dict:
+def collate(examples: list[dict], pad_id: int, device, mask_dtype: torch.dtype) -> dict:
     """Padded tensors on ``device``; a packed batch's additive mask in the attention's dtype."""
     from loraforge import data
 
-    mask_dtype = torch.bfloat16 if compute_dtype_name(device) != "fp32" else torch.float32
     batch = data.collate(examples, pad_id, mask_dtype=mask_dtype)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
