@@ -17,6 +17,14 @@ GPU (--device cuda): random-weight Llama-3 shapes (``--shape llama3-1b|llama3-8b
   unsloth and loraforge, through ``../shared/bench/peer_arms.py`` (imported, not copied: its
   ``train_loop`` times every arm). Peak = torch.cuda.max_memory_allocated.
 
+bf16 (``--dtype bf16``, CPU): every arm holds its frozen base in bfloat16 (loraforge's
+``train.dtype: bf16``: ``load_model(compute_dtype=bfloat16)``; PEFT's arms as ``from_pretrained(
+dtype=bfloat16)`` would load it, bitsandbytes quantizing those bf16 weights with a bf16 compute
+dtype), keeps the adapters and AdamW in float32 (PEFT's ``autocast_adapter_dtype``) and runs the
+step under ``torch.autocast("cpu", bfloat16)``, as HF ``Trainer(bf16=True)`` does; the GEMM
+ceiling is then measured in bf16. Worth it on a CPU with AVX512-BF16 / AMX (oneDNN's bf16
+GEMMs); elsewhere bf16 is emulated.
+
 DoRA (``--methods lora,dora``): every arm runs once per method (PEFT's ``use_dora=True``,
 loraforge's fused DoRA), and the table adds each arm's DoRA / LoRA ratio of step time and of CPU
 time per step (the issue-12 target for loraforge: <= 1.15x; PEFT's is 1.8-2.8x on GPU).
@@ -24,11 +32,12 @@ time per step (the issue-12 target for loraforge: <= 1.15x; PEFT's is 1.8-2.8x o
     python benchmarks/train_step.py --steps 3 --threads 1      # CPU table
     python benchmarks/train_step.py --steps 5 --threads 1 --arms peft,loraforge --methods lora,dora
     python benchmarks/train_step.py --steps 3 --threads 1 --arms peft,loraforge --no-checkpointing
+    python benchmarks/train_step.py --steps 3 --threads 1 --no-checkpointing --dtype bf16
     python benchmarks/train_step.py --device cuda --shape llama3-8b --bs 2 --seq 2048
 
 "of GEMM ceiling": the arm's tokens/s x (4, or 6 with checkpointing) x the matmul parameters
 (decoder linears + head), over the dense GEMM rate measured in the same run on the model's
-projection shapes (fp32 on CPU, bf16 on GPU): the share of the machine's matmul speed a step
+projection shapes (fp32 on CPU unless ``--dtype bf16``, bf16 on GPU): the share of the machine's matmul speed a step
 turns into training (LoRA on a frozen base: forward plus input gradients, ~4 x params x tokens).
 """
 
@@ -63,6 +72,9 @@ CHECKPOINTING = True  # --no-checkpointing turns it off in every arm (the "best 
 
 
 DORA = False  # --methods ... dora: the arm's DoRA variant
+
+
+BF16 = False  # --dtype bf16 (CPU): bf16 base, fp32 adapters, the step under CPU autocast
 
 
 def _peft(model, r, alpha):
@@ -114,13 +126,14 @@ def build_cpu(arm, r, alpha):
 
     from loraforge.models import load_model
 
+    dtype = torch.bfloat16 if BF16 else torch.float32
     quant = "nf4" if arm == "loraforge-nf4" else None
-    model, _ = load_model("smollm2-135m-instruct", quantize=quant, compute_dtype=torch.float32)
+    model, _ = load_model("smollm2-135m-instruct", quantize=quant, compute_dtype=dtype)
     model = _freeze(model.train())
     if arm == "peft":
         return _peft(model, r, alpha)
     if arm == "peft-bnb":
-        return _peft(_bnb_4bit(model, torch.float32), r, alpha)
+        return _peft(_bnb_4bit(model, dtype), r, alpha)
     return _loraforge(model, r, alpha, kernels=arm != "loraforge-unfused")
 
 
@@ -138,8 +151,11 @@ def _peak_rss_gib():
 
 
 def cpu_loop(model, vocab, bs, seq, steps, warm):
+    import contextlib
+
     import torch
 
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if BF16 else contextlib.nullcontext
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -149,7 +165,8 @@ def cpu_loop(model, vocab, bs, seq, steps, warm):
     for i in range(warm + steps):
         t0, c0 = time.perf_counter(), time.process_time()
         x = data[i % 4]
-        out = model(input_ids=x, labels=x)
+        with amp():
+            out = model(input_ids=x, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +238,7 @@ def gemm_ceiling(a, gpu) -> tuple[float, int]:
     kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads)
     shapes = [(h, h), (h, kv), (h, i), (i, h)]  # (in, out) of q/o, k/v, gate/up, down
     params = cfg.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
-    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.bfloat16 if BF16 else torch.float32)
     if a.threads and not gpu:
         torch.set_num_threads(a.threads)
     rows = a.bs * a.seq
@@ -274,11 +291,14 @@ def main():
     ap.add_argument("--path", default="/tmp/rand_model")
     ap.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off in every arm")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads per arm (default: torch's)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="CPU: bf16 = bf16 base + CPU autocast in every arm (GPU arms are bf16 anyway)")
     ap.add_argument("--methods", default="lora", help="comma-separated: lora, dora (each arm runs once per method)")
     ap.add_argument("--method", default="lora", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    global CHECKPOINTING, DORA
+    global CHECKPOINTING, DORA, BF16
     CHECKPOINTING = not a.no_checkpointing
+    BF16 = a.dtype == "bf16" and a.device == "cpu"
     DORA = a.method == "dora"
     gpu = a.device == "cuda"
     a.bs = a.bs or (2 if gpu else 4)
@@ -295,7 +315,7 @@ def main():
             cmd = [sys.executable, __file__, "--arm", arm, "--method", method, "--device", a.device, "--shape", a.shape,
                    "--bs", str(a.bs), "--seq", str(a.seq), "--steps", str(a.steps), "--warm", str(a.warm),
                    "--r", str(a.r), "--path", a.path] + (["--threads", str(a.threads)] if a.threads else []) \
-                + (["--no-checkpointing"] if a.no_checkpointing else [])
+                + (["--no-checkpointing"] if a.no_checkpointing else []) + ["--dtype", a.dtype]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                   env={**os.environ, "PYTHONPATH": str(REPO)})
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -308,9 +328,9 @@ def main():
     flops_per_token = (6 if CHECKPOINTING else 4) * matmul_params
     where = f"{a.shape}, " if gpu else "SmolLM2-135M-Instruct, "
     print(f"\n{where}{a.bs} x {a.seq} tokens, r={a.r} alpha={a.r} on {','.join(TARGETS)}, AdamW, "
-          f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
+          f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, {'bf16' if gpu or BF16 else 'fp32'}, {a.steps} timed steps after {a.warm} warm-up ({a.device})")
     cpu = not gpu
-    print(f"GEMM ceiling {ceiling / 1e9:,.0f} GFLOP/s ({'bf16' if gpu else 'fp32'}, this model's shapes, measured now); "
+    print(f"GEMM ceiling {ceiling / 1e9:,.0f} GFLOP/s ({'bf16' if gpu or BF16 else 'fp32'}, this model's shapes, measured now); "
           f"a step needs {'6' if CHECKPOINTING else '4'} x {matmul_params / 1e6:,.1f}M matmul parameters x tokens FLOPs")
     print("| arm | method | tokens/s | of GEMM ceiling | step s (median) |" + (" CPU s / step | tokens per CPU s |" if cpu else "")
           + " peak GiB | loss first -> last |")

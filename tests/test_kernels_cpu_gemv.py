@@ -68,6 +68,9 @@ def test_dequantization_gives_the_reference_bits(shape, double_quant):
     out = torch.empty(n, k)
     cpu_gemv.dequantize_4bit_cpu(w, out)
     assert torch.equal(out, dequantize_4bit_reference(w))
+    out16 = torch.empty(n, k, dtype=torch.bfloat16)
+    cpu_gemv.dequantize_4bit_cpu(w, out16)  # rounded as torch rounds float32 to bfloat16
+    assert torch.equal(out16, dequantize_4bit_reference(w).to(torch.bfloat16))
 
 
 def test_quant_linear_takes_the_fused_path_only_for_few_rows_without_grad(monkeypatch):

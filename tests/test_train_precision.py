@@ -145,3 +145,42 @@ def test_fused_kernels_under_bf16_compute_what_transformers_forward_computes(tmp
     patch = fused.model._loraforge_kernel_patch
     assert patch.count("attention") == patch.count("mlp") == 2 and patch.count("loss") == 1
     assert fused.losses == pytest.approx(plain.losses, rel=2e-3)
+
+
+def test_on_a_cpu_the_fused_attention_runs_bf16_scores_in_float32(monkeypatch):
+    """CPU flash attention is twice as slow in bf16 as in fp32 (forward + backward): the fused
+    block hands it float32 and returns bf16; the loss and gradients stay those of the bf16 model."""
+    from transformers import LlamaForCausalLM
+
+    from loraforge.adapters import attach
+    from loraforge.adapters.lora import LoraConfig
+    from loraforge.kernels.patch import apply_kernels
+
+    from conftest import tiny_llama_config
+
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: seen.append(q.dtype) or real(q, k, v, *a, **kw))
+
+    def loss_and_grads(kernels: bool):
+        torch.manual_seed(0)
+        model = attach(LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).train(),
+                       LoraConfig(r=4, alpha=8, init="gaussian"))
+        if kernels:
+            apply_kernels(model)
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain, plain_grads = loss_and_grads(kernels=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    fused, fused_grads = loss_and_grads(kernels=True)
+    assert seen and set(seen) == {torch.float32}
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 0.05 * b.norm()

@@ -130,6 +130,8 @@ def _load() -> ctypes.CDLL | None:
     lib.lf_gemv4.restype = ctypes.c_int
     lib.lf_dequant4.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
     lib.lf_dequant4.restype = None
+    lib.lf_dequant4_bf16.argtypes = [_I, _P, _P, _P, _P, _P, _P, _P, _I, _P]
+    lib.lf_dequant4_bf16.restype = None
     lib.lf_linear_f32.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P]
     lib.lf_linear_f32.restype = None
     return lib
@@ -200,16 +202,20 @@ def gemv_4bit_cpu(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None = No
 
 
 def dequantize_4bit_cpu(w: Packed4bit, out: torch.Tensor) -> torch.Tensor:
-    """Write the float32 weight (the reference's bits) into ``out`` (contiguous, float32, CPU)."""
+    """Write the weight into ``out`` (contiguous, float32 or bfloat16, CPU) with the reference's
+    bits: float32 ones, or those rounded to bfloat16 as ``.to(torch.bfloat16)`` rounds them
+    (straight from the codes: no float32 copy of the weight is made)."""
     _check_cpu(w)
     if w.double_quant:
         args = (_ptr(w.packed), None, _ptr(w.absmax), _ptr(w.nested_absmax), _ptr(w.nested_code),
                 _ptr(w.offset), _ptr(w.code), w.blocksize)
     else:
         args = (_ptr(w.packed), _ptr(w.absmax), None, None, None, None, _ptr(w.code), w.blocksize)
-    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != w.numel or out.device.type != "cpu":
-        raise ValueError(f"out must be a contiguous float32 CPU tensor of {w.numel} values")
-    library().lf_dequant4(w.numel, *args, _ptr(out))
+    if (out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous() or out.numel() != w.numel
+            or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous float32 or bfloat16 CPU tensor of {w.numel} values")
+    fill = library().lf_dequant4 if out.dtype == torch.float32 else library().lf_dequant4_bf16
+    fill(w.numel, *args, _ptr(out))
     return out
 
 

@@ -176,15 +176,16 @@ def dequantize_4bit_triton(w: Packed4bit, dtype: torch.dtype = torch.float32, ou
 
 def dequantize_4bit(w: Packed4bit, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[*shape]`` weight in ``dtype``: the Triton kernel where it runs, the compiled CPU kernel
-    (:mod:`loraforge.kernels.cpu_gemv`; straight into ``out`` in float32) on the CPU, else the
+    (:mod:`loraforge.kernels.cpu_gemv`; straight into ``out`` in float32 or bfloat16) on the CPU, else the
     reference. All give the same bits."""
     if use_triton(w.packed):
         return dequantize_4bit_triton(w, dtype, out)
     from loraforge.kernels import cpu_gemv  # imports this module
 
     if w.packed.device.type == "cpu" and cpu_gemv.library() is not None:
-        direct = out is not None and dtype == torch.float32 and out.is_contiguous()
-        target = out if direct else torch.empty(w.shape, dtype=torch.float32)
+        written = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        direct = out is not None and written == dtype and out.is_contiguous()
+        target = out if direct else torch.empty(w.shape, dtype=written)
         cpu_gemv.dequantize_4bit_cpu(w, target)
         if direct:
             return out

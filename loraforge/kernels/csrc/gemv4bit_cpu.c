@@ -316,6 +316,41 @@ void lf_linear_f32(const float *w, const float *bias, int64_t N, int64_t K, cons
             for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
 }
 
+/* dst [end - start] float32 = elements start..end of the weight (one block, scale s) */
+static void dequant_block(const weight4 *w, int64_t start, int64_t end, float s, float *dst) {
+    const uint8_t *packed = w->packed;
+    const float *code = w->code;
+    int64_t e = start;
+#if defined(__AVX512F__)
+    const __m512 book = _mm512_loadu_ps(code);
+    const __m512i low4 = _mm512_set1_epi32(15);
+    const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512 sv = _mm512_set1_ps(s);
+    for (; e + 32 <= end; e += 32) {   /* start is even: blocksize is */
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (e >> 1))));
+        __m512 we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), book), sv);
+        __m512 wo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, low4), book), sv);
+        _mm512_storeu_ps(dst + (e - start), _mm512_permutex2var_ps(we, first, wo));
+        _mm512_storeu_ps(dst + (e - start) + 16, _mm512_permutex2var_ps(we, second, wo));
+    }
+#elif defined(__AVX2__)
+    __m256i plane[4];
+    load_planes(w, plane);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* evens | odds -> in order */
+    const __m256 sv = _mm256_set1_ps(s);
+    for (; e + 32 <= end; e += 32) {
+        __m256 wv[4];
+        decode32(plane, packed + (e >> 1), sv, wv);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + (e - start) + 8 * i, _mm256_permutevar8x32_ps(wv[i], order));
+    }
+#endif
+    for (; e < end; ++e) {
+        uint8_t byte = packed[e >> 1];
+        dst[e - start] = code[(e & 1) ? (byte & 15) : (byte >> 4)] * s;
+    }
+}
+
 /* out [numel] float32 = the dequantized weight (element order as stored) */
 void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
                  const float *nested, const float *map8, const float *offset, const float *code, int64_t blocksize,
@@ -326,35 +361,27 @@ void lf_dequant4(int64_t numel, const uint8_t *packed, const float *absmax, cons
     #pragma omp parallel for schedule(dynamic, 64)
     for (int64_t b = 0; b < nblocks; ++b) {
         int64_t start = b * blocksize, end = start + blocksize < numel ? start + blocksize : numel;
-        float s = block_scale(&w, b);
-        int64_t e = start;
-#if defined(__AVX512F__)
-        const __m512 book = _mm512_loadu_ps(code);
-        const __m512i low4 = _mm512_set1_epi32(15);
-        const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        const __m512 sv = _mm512_set1_ps(s);
-        for (; e + 32 <= end; e += 32) {   /* start is even: blocksize is */
-            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(packed + (e >> 1))));
-            __m512 we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), book), sv);
-            __m512 wo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(q, low4), book), sv);
-            _mm512_storeu_ps(out + e, _mm512_permutex2var_ps(we, first, wo));
-            _mm512_storeu_ps(out + e + 16, _mm512_permutex2var_ps(we, second, wo));
-        }
-#elif defined(__AVX2__)
-        __m256i plane[4];
-        load_planes(&w, plane);
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   /* evens | odds -> in order */
-        const __m256 sv = _mm256_set1_ps(s);
-        for (; e + 32 <= end; e += 32) {
-            __m256 wv[4];
-            decode32(plane, packed + (e >> 1), sv, wv);
-            for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + e + 8 * i, _mm256_permutevar8x32_ps(wv[i], order));
-        }
-#endif
-        for (; e < end; ++e) {
-            uint8_t byte = packed[e >> 1];
-            out[e] = code[(e & 1) ? (byte & 15) : (byte >> 4)] * s;
+        dequant_block(&w, start, end, block_scale(&w, b), out + start);
+    }
+}
+
+/* out [numel] bfloat16 (as uint16) = lf_dequant4's float32 values rounded to nearest even, the
+   bits torch's .to(torch.bfloat16) gives (the values are finite: no NaN case) */
+void lf_dequant4_bf16(int64_t numel, const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
+                      const float *nested, const float *map8, const float *offset, const float *code,
+                      int64_t blocksize, uint16_t *out) {
+    weight4 w = {packed, absmax, qabsmax, nested, map8, offset, code, blocksize, log2i(blocksize), {{0}}};
+    set_planes(&w);
+    int64_t nblocks = (numel + blocksize - 1) >> w.shift;
+    #pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        float tmp[4096];   /* blocksize <= 4096 */
+        int64_t start = b * blocksize, end = start + blocksize < numel ? start + blocksize : numel;
+        dequant_block(&w, start, end, block_scale(&w, b), tmp);
+        for (int64_t e = 0; e < end - start; ++e) {
+            uint32_t bits;
+            memcpy(&bits, tmp + e, 4);
+            out[start + e] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
         }
     }
 }
