@@ -3,7 +3,9 @@ beside transformers + bitsandbytes 4-bit on the same windows.
 
 The arms are those of ``benchmarks/generate.py`` (SmolLM2-135M-Instruct from the embedded GGUF,
 NF4 + double quantization, block 64, lm_head and embeddings unquantized, dense as the scale;
-``loraforge-nf4-reference`` = loraforge with ``LORAFORGE_KERNELS=reference``). Each scores the
+``loraforge-nf4-reference`` = loraforge with ``LORAFORGE_KERNELS=reference``; ``loraforge-nf4-bf16`` =
+``loraforge eval --dtype bf16``: the base in bfloat16, as bitsandbytes computes on its own on a
+CPU with AVX512-BF16). Each scores the
 first ``--tokens`` tokens of ``../shared/data/wiki_demo.txt`` with
 :func:`loraforge.infer.evaluate.perplexity_text` (windows of ``--window`` tokens every ``--stride``),
 so the work is identical and the perplexities should agree to quantization noise. Windows are
@@ -39,7 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--text", default=str(DATA))
-    parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "bnb-nf4", "dense"])
+    parser.add_argument("--arms", nargs="+", default=["loraforge-nf4", "loraforge-nf4-bf16", "bnb-nf4", "dense"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +64,7 @@ def main() -> None:
                 times[arm].append(time.perf_counter() - start)
     print(f"\nSmolLM2-135M-Instruct perplexity, {len(ids)} tokens of {Path(args.text).name}, window {args.window}, "
           f"stride {args.stride} ({n_windows} windows, {fed} tokens fed), CPU ({torch.get_num_threads()} threads), "
-          f"float32 compute, torch {torch.__version__}\n")
+          f"float32 compute (but the bf16 arm), torch {torch.__version__}\n")
     print("| arm | tokens fed / s | seconds (median) | perplexity |")
     print("|---|---|---|---|")
     for arm, t in times.items():

@@ -60,6 +60,9 @@ def load_arms(device: str, dtype: torch.dtype, arms: list[str]):
         models[REFERENCE_ARM], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
     if "loraforge-nf4-hf-generate" in arms:
         models[HF_GENERATE_ARM], tokenizer = load_model(folder, quantize="nf4", compute_dtype=dtype, device=device)
+    if "loraforge-nf4-bf16" in arms:  # eval --dtype bf16 (eval_throughput.py)
+        models["loraforge nf4, bf16"], tokenizer = load_model(folder, quantize="nf4", compute_dtype=torch.bfloat16,
+                                                              device=device)
     if "bnb-nf4" in arms:
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=dtype)

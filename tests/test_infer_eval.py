@@ -128,6 +128,26 @@ def test_eval_text_compare_matches_separate_runs(tmp_path, capsys):
     assert float(alone[0]) == pytest.approx(perplexity_text(model, ids, 16, 8).value, rel=1e-4)
 
 
+def test_eval_in_bf16_loads_the_base_in_bf16_and_agrees_to_its_precision(tmp_path, capsys, monkeypatch):
+    import loraforge.infer.session as session
+
+    _folders(tmp_path)
+    (tmp_path / "t.txt").write_text(TEXT)
+    loaded = []
+    real = session.load_for_inference
+    monkeypatch.setattr(session, "load_for_inference",
+                        lambda *a, **kw: loaded.append(real(*a, **kw)) or loaded[-1])
+    base = ["eval", str(tmp_path / "base"), "--data", str(tmp_path / "t.txt"), "--window", "16",
+            "--adapter", str(tmp_path / "adapter"), "--quantize", "nf4"]
+    assert main(base) == 0
+    fp32 = float(_table_values(capsys.readouterr().out)[0])
+    assert main(base + ["--dtype", "bf16"]) == 0
+    bf16 = float(_table_values(capsys.readouterr().out)[0])
+    assert loaded[0].model.get_input_embeddings().weight.dtype == torch.float32
+    assert loaded[1].model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != fp32
+
+
 def test_eval_accuracy_counts_exact_and_contained(tmp_path, capsys):
     _folders(tmp_path)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hello", "paris", "a"]))

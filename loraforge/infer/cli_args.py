@@ -42,7 +42,8 @@ def settings_from_args(args: argparse.Namespace):
 def load_session(args: argparse.Namespace):
     from loraforge.infer.session import load_for_inference
 
-    return load_for_inference(args.model, args.adapter, quantize=args.quantize, device=args.device)
+    dtype = {"bf16": "bfloat16", "fp32": None}[getattr(args, "dtype", "fp32")]  # eval --dtype
+    return load_for_inference(args.model, args.adapter, quantize=args.quantize, compute_dtype=dtype, device=args.device)
 
 
 def stderr_console():
